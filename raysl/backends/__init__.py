@@ -1,0 +1,31 @@
+"""Pseudo-label backends behind one Protocol (:class:`~raysl.backends.base.Backend`), in an
+explicit registry: a new backend is a class and one line here."""
+
+from __future__ import annotations
+
+from raysl.backends.base import Backend, BackendFactory, FitContext
+from raysl.backends.gmm import GMMBackend
+from raysl.backends.self_training import SelfTrainingBackend
+from raysl.config import BackendConfig
+
+
+def _gmm(cfg: BackendConfig, ctx: FitContext) -> Backend:
+    return GMMBackend(cfg.gmm, ctx)
+
+
+def _self(cfg: BackendConfig, ctx: FitContext) -> Backend:
+    return SelfTrainingBackend(ctx)
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "gmm": _gmm,
+    "self": _self,
+}
+
+
+def backend_section(cfg: BackendConfig) -> object:
+    """The part of the backend config that changes the fit (its cache key)."""
+    return getattr(cfg, cfg.name, None)
+
+
+__all__ = ["BACKENDS", "Backend", "FitContext", "backend_section"]

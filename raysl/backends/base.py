@@ -1,0 +1,133 @@
+"""The backend contract and the round-based fit loop shared by the local and Ray executors.
+
+A backend is fitted in rounds. Each round, every shard worker loads the driver's current state,
+computes ``shard_stats`` on its shard (pure: no mutation), and the driver folds the list of
+statistics into new parameters with ``merge``. For the GMM the statistics are sufficient
+statistics (exact, whatever the sharding); for neural backends they are locally trained weights
+averaged by shard size (FedAvg). At the end each worker predicts its own shard.
+
+Where the shards live is the executor's business: :class:`LocalExecutor` here (a list), and
+``raysl.distributed.actors.RayExecutor`` (one Ray actor per shard). Both drive the same
+:class:`ShardWorker`, so their results are identical.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What every backend may know besides its own config: the problem's shape and seed, and
+    the initial classifier trained on the labeled rows (its state dict), for ``self``."""
+
+    n_classes: int
+    input_shape: tuple[int, ...]
+    seed: int
+    hidden: int = 256
+    classifier_state: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """One worker's data: its unlabeled rows and the (small, replicated) labeled set."""
+
+    x_u: np.ndarray  # (n_i, ...)
+    x_l: np.ndarray  # (n_l, ...)
+    y_l: np.ndarray  # (n_l,)
+    index: int = 0
+
+
+class Backend(Protocol):
+    """A pseudo-label backend. Shapes: ``x`` is ``(n, ...)``; probabilities are ``(n, C)``."""
+
+    def init(self, x_l: np.ndarray, y_l: np.ndarray) -> None:
+        """Driver side: set the initial parameters from the labeled rows."""
+
+    @property
+    def converged(self) -> bool:
+        """True when no further round is needed."""
+
+    def shard_stats(self, shard: Shard) -> Any:
+        """Worker side: statistics of one shard under the current parameters (pure)."""
+
+    def merge(self, stats: Sequence[Any]) -> float:
+        """Driver side: update the parameters from all shards' statistics; return the
+        objective evaluated at the parameters the statistics were computed with."""
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(n, C)`` for rows ``x`` ``(n, ...)``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+BackendFactory = Callable[[Any, FitContext], Backend]
+
+
+class ShardWorker:
+    """Holds one shard and a backend instance; stateless between calls (the state comes with
+    every call), so a restarted Ray actor or a retried call gives the same answer."""
+
+    def __init__(self, factory: BackendFactory, backend_cfg: Any, ctx: FitContext,
+                 shard: Shard) -> None:
+        self.backend = factory(backend_cfg, ctx)
+        self.shard = shard
+
+    def stats(self, state: dict[str, Any]) -> Any:
+        self.backend.load_state_dict(state)
+        return self.backend.shard_stats(self.shard)
+
+    def predict(self, state: dict[str, Any]) -> np.ndarray:
+        self.backend.load_state_dict(state)
+        return self.backend.predict_proba(self.shard.x_u)
+
+
+class Executor(Protocol):
+    def stats(self, state: dict[str, Any]) -> list[Any]: ...
+
+    def predict(self, state: dict[str, Any]) -> list[np.ndarray]: ...
+
+
+class LocalExecutor:
+    """Runs the shard workers one after another in this process."""
+
+    def __init__(self, workers: Sequence[ShardWorker]) -> None:
+        self.workers = list(workers)
+
+    def stats(self, state: dict[str, Any]) -> list[Any]:
+        return [w.stats(state) for w in self.workers]
+
+    def predict(self, state: dict[str, Any]) -> list[np.ndarray]:
+        return [w.predict(state) for w in self.workers]
+
+
+@dataclass
+class FitResult:
+    proba: np.ndarray  # (n_u, C), rows in shard order = unlabeled pool order
+    objective: list[float] = field(default_factory=list)  # one per round
+    rounds: int = 0
+    seconds: float = 0.0
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(backend: Backend, executor: Executor, x_l: np.ndarray, y_l: np.ndarray,
+        max_rounds: int = 10_000,
+        progress: Callable[[int, float], None] | None = None) -> FitResult:
+    """Fit ``backend`` over the executor's shards and predict every unlabeled row."""
+    t0 = time.perf_counter()
+    backend.init(x_l, y_l)
+    objective: list[float] = []
+    while not backend.converged and len(objective) < max_rounds:
+        objective.append(float(backend.merge(executor.stats(backend.state_dict()))))
+        if progress is not None:
+            progress(len(objective), objective[-1])
+    proba = np.concatenate(executor.predict(backend.state_dict()), axis=0)
+    return FitResult(proba, objective, len(objective), time.perf_counter() - t0,
+                     backend.state_dict())

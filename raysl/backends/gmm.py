@@ -1,0 +1,198 @@
+"""Semi-supervised EM for a Gaussian mixture, with one or more components per class.
+
+Round 0 gathers the raw moments (n, Σx, Σxxᵀ) of every shard plus the labeled rows and fits a
+PCA from them; every later round is one EM step in that PCA space. Labeled rows keep their
+class fixed (responsibilities are zero outside their class's components), unlabeled rows get
+the usual posterior. Shards return sufficient statistics (N_k, Σ r x, Σ r x xᵀ, log-likelihood)
+and the driver does the M-step, so any sharding gives the same fit up to rounding.
+
+The covariances carry a prior, log p(Σ_k) = -ρ/2 · tr(Σ_k⁻¹), whose MAP M-step is
+Σ_k = (S_k + ρI) / N_k. It keeps Σ_k positive definite with few rows, and because the M-step
+is the exact maximiser, the objective (log-likelihood + log prior) never decreases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.special import logsumexp
+
+from raysl.backends.base import FitContext, Shard
+from raysl.config import GMMConfig
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Sufficient statistics of a set of rows under the current parameters."""
+
+    n: np.ndarray  # (K,) Σ_i r_ik
+    sx: np.ndarray  # (K, d) Σ_i r_ik x_i
+    sxx: np.ndarray  # (K, d, d) Σ_i r_ik x_i x_iᵀ
+    loglik: float
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(self.n + other.n, self.sx + other.sx, self.sxx + other.sxx,
+                     self.loglik + other.loglik)
+
+
+def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Raw moments of rows ``x`` (n, D): (n, Σx (D,), Σxxᵀ (D, D)), in float64."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    return len(x), x.sum(0), x.T @ x
+
+
+def pca_from_moments(n: int, sx: np.ndarray, sxx: np.ndarray,
+                     dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean (D,), projection (D, d) and the top-d covariance eigenvalues (d,).
+
+    ``dim == 0`` keeps all D dimensions (identity projection)."""
+    mean = sx / n
+    cov = sxx / n - np.outer(mean, mean)
+    evals, evecs = np.linalg.eigh(cov)
+    order = np.argsort(evals)[::-1]
+    if dim == 0:
+        return mean, np.eye(len(mean)), np.maximum(evals[order], 0.0)
+    evecs = evecs[:, order[:dim]]
+    # eigh's sign is arbitrary; fix it so that the projection is a function of the moments
+    evecs *= np.where(evecs[np.abs(evecs).argmax(0), np.arange(evecs.shape[1])] < 0, -1.0, 1.0)
+    return mean, evecs, np.maximum(evals[order[:dim]], 0.0)
+
+
+def log_gaussian(z: np.ndarray, means: np.ndarray, covs: np.ndarray) -> np.ndarray:
+    """log N(z_i | μ_k, Σ_k) for z (n, d), means (K, d), covs (K, d, d) -> (n, K)."""
+    n, d = z.shape
+    out = np.empty((n, len(means)))
+    for k, (mu, cov) in enumerate(zip(means, covs, strict=True)):
+        chol = np.linalg.cholesky(cov)
+        sol = np.linalg.solve(chol, (z - mu).T)  # (d, n)
+        out[:, k] = (-0.5 * (sol**2).sum(0) - np.log(np.diag(chol)).sum()
+                     - 0.5 * d * np.log(2 * np.pi))
+    return out
+
+
+def log_joint(z: np.ndarray, y: np.ndarray, weights: np.ndarray, means: np.ndarray,
+              covs: np.ndarray, comp_class: np.ndarray) -> np.ndarray:
+    """log π_k N(z | μ_k, Σ_k), (n, K); -inf outside a labeled row's class (y >= 0)."""
+    lj = np.log(weights) + log_gaussian(z, means, covs)
+    labeled = y >= 0
+    lj[labeled] = np.where(comp_class[None] == y[labeled, None], lj[labeled], -np.inf)
+    return lj
+
+
+def e_step(z: np.ndarray, y: np.ndarray, weights: np.ndarray, means: np.ndarray,
+           covs: np.ndarray, comp_class: np.ndarray) -> Stats:
+    """Responsibilities and sufficient statistics of rows z (n, d), labels y (n,) (-1 = none)."""
+    lj = log_joint(z, y, weights, means, covs, comp_class)
+    norm = logsumexp(lj, axis=1)  # (n,) log p(x) or log p(x, y)
+    r = np.exp(lj - norm[:, None])  # (n, K)
+    return Stats(r.sum(0), r.T @ z, np.einsum("nk,ni,nj->kij", r, z, z), float(norm.sum()))
+
+
+def m_step(s: Stats, rho: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MAP parameters (weights (K,), means (K, d), covs (K, d, d)) from summed statistics."""
+    n_k = np.maximum(s.n, 1e-12)
+    means = s.sx / n_k[:, None]
+    scatter = s.sxx - n_k[:, None, None] * np.einsum("ki,kj->kij", means, means)
+    eye = np.eye(means.shape[1])
+    covs = (scatter + rho * eye) / n_k[:, None, None]
+    covs = 0.5 * (covs + covs.transpose(0, 2, 1))  # exact symmetry for Cholesky
+    return n_k / n_k.sum(), means, covs
+
+
+def log_prior(covs: np.ndarray, rho: float) -> float:
+    """Σ_k -ρ/2 · tr(Σ_k⁻¹)."""
+    return float(-0.5 * rho * sum(np.trace(np.linalg.inv(c)) for c in covs))
+
+
+class GMMBackend:
+    """Semi-supervised Gaussian mixture, fitted by EM over shards (see module docstring)."""
+
+    def __init__(self, cfg: GMMConfig, ctx: FitContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        k = cfg.components_per_class
+        self.comp_class = np.repeat(np.arange(ctx.n_classes), k)  # (K,)
+        self.state: dict[str, Any] = {"phase": "moments", "iter": 0, "objective": -np.inf}
+        self._x_l: np.ndarray | None = None
+        self._y_l: np.ndarray | None = None
+
+    # -- driver side -------------------------------------------------------------------
+    def init(self, x_l: np.ndarray, y_l: np.ndarray) -> None:
+        self._x_l, self._y_l = x_l, y_l
+        self.state = {"phase": "moments", "iter": 0, "objective": -np.inf}
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.state.get("done", False))
+
+    def merge(self, stats: Sequence[Any]) -> float:
+        assert self._x_l is not None and self._y_l is not None, "call init() first"
+        if self.state["phase"] == "moments":
+            self._init_from_moments([moments(self._x_l), *stats])
+            return -np.inf
+        st = self.state
+        labeled = e_step(self._project(self._x_l), self._y_l, st["weights"], st["means"],
+                         st["covs"], self.comp_class)
+        total = sum(stats, labeled)
+        objective = total.loglik + log_prior(st["covs"], st["rho"])
+        weights, means, covs = m_step(total, st["rho"])
+        gain = objective - st["objective"]
+        done = (st["iter"] + 1 >= self.cfg.max_iter
+                or (np.isfinite(st["objective"]) and gain <= self.cfg.tol * abs(objective)))
+        self.state = {**st, "weights": weights, "means": means, "covs": covs,
+                      "iter": st["iter"] + 1, "objective": objective, "done": done}
+        return objective
+
+    def _init_from_moments(self, parts: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        assert self._x_l is not None and self._y_l is not None
+        n = sum(p[0] for p in parts)
+        sx = sum(p[1] for p in parts)
+        sxx = sum(p[2] for p in parts)
+        mean, proj, evals = pca_from_moments(n, sx, sxx, self.cfg.pca_dim)
+        self.state.update(mean=mean, proj=proj)
+        z_l = self._project(self._x_l)
+        d, k = proj.shape[1], self.cfg.components_per_class
+        rng = np.random.default_rng(self.ctx.seed)
+        # Means start at the labeled class means (spread by a little noise when a class has
+        # several components); covariances at the global covariance (the labeled rows are
+        # too few to estimate one per class).
+        means = np.concatenate([
+            z_l[self._y_l == c].mean(0) + (0.0 if k == 1 else 0.5)
+            * rng.standard_normal((k, d)) * np.sqrt(evals)
+            for c in range(self.ctx.n_classes)
+        ])
+        rho = self.cfg.reg_covar * float(evals.mean())
+        covs = np.repeat(np.diag(evals + rho)[None], len(means), axis=0)
+        weights = np.full(len(means), 1.0 / len(means))
+        self.state.update(phase="em", weights=weights, means=means, covs=covs, rho=rho)
+
+    # -- worker side -------------------------------------------------------------------
+    def shard_stats(self, shard: Shard) -> Any:
+        if self.state["phase"] == "moments":
+            return moments(shard.x_u)
+        st = self.state
+        y = np.full(len(shard.x_u), -1)
+        return e_step(self._project(shard.x_u), y, st["weights"], st["means"], st["covs"],
+                      self.comp_class)
+
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(len(x), -1).astype(np.float64)
+        return (x - self.state["mean"]) @ self.state["proj"]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        st = self.state
+        y = np.full(len(x), -1)
+        lj = log_joint(self._project(x), y, st["weights"], st["means"], st["covs"],
+                       self.comp_class)
+        per_class = np.stack([logsumexp(lj[:, self.comp_class == c], axis=1)
+                              for c in range(self.ctx.n_classes)], axis=1)  # (n, C)
+        return np.exp(per_class - logsumexp(per_class, axis=1, keepdims=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = dict(state)

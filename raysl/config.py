@@ -1,0 +1,263 @@
+"""One frozen config for the whole pipeline, loaded from YAML with typed dotted overrides.
+
+The CLI (``--set select.threshold=0.9``), the YAML files and (later) Ray Tune all go through
+:func:`apply_overrides`, so any run can be replayed from the command line with the same keys.
+Every value is checked against a declared limit in :data:`LIMITS` before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # a name in raysl.data.DATASETS, or a path to .npz / .parquet
+    root: str = "~/.cache/raysl/data"  # where torchvision datasets live
+    download: bool = False  # only torchvision datasets, only on a networked machine
+    labels_per_class: int = 5
+    val_per_class: int = 5  # a small labeled validation split (Oliver et al. 2018)
+    test_fraction: float = 0.2  # held out when the dataset has no official test split
+    n_shards: int = 2  # unlabeled shards, one Ray actor each
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GMMConfig:
+    components_per_class: int = 1
+    pca_dim: int = 16  # 0 fits in the raw (flattened) feature space
+    reg_covar: float = 1.0  # covariance prior strength, relative to the mean data variance
+    max_iter: int = 100
+    tol: float = 1e-5  # stop when the objective's relative gain falls below this
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str = "gmm"  # a key of raysl.backends.BACKENDS
+    actor_cpus: float = 0.5  # fractional, so actors fit beside each other on small machines
+    gmm: GMMConfig = field(default_factory=GMMConfig)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    criterion: str = "threshold"  # "threshold" or "k_best"
+    threshold: float = 0.95  # keep rows whose confidence exceeds this (1.0 keeps none)
+    k_best: int = 100  # with criterion=k_best: the k most confident rows
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32  # labeled rows per step and worker
+    mu: int = 3  # pseudo-labeled rows per labeled row in a step (FixMatch's mu)
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lambda_u: float = 1.0  # weight of the pseudo-label loss; 0 is supervised training
+    hidden: int = 256  # width of the MLP / the CNN's dense layer
+    num_workers: int = 2  # Ray Train workers (DDP); 0 runs the loop in the driver process
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # empty: join RAY_ADDRESS if set, else start a local Ray
+    num_cpus: int = 0  # for a local Ray; 0 lets Ray count the cores
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# Declared limits, checked by validate(). A tuple of strings is a set of choices; a pair of
+# numbers is a closed interval (None leaves that side open). Dataset and backend names are
+# checked where their registries live (raysl.data, raysl.backends).
+LIMITS: dict[str, tuple[Any, ...]] = {
+    "data.labels_per_class": (1, None),
+    "data.val_per_class": (0, None),
+    "data.test_fraction": (0.05, 0.9),
+    "data.n_shards": (1, None),
+    "backend.actor_cpus": (0.01, None),
+    "backend.gmm.components_per_class": (1, None),
+    "backend.gmm.pca_dim": (0, None),
+    "backend.gmm.reg_covar": (1e-9, None),
+    "backend.gmm.max_iter": (1, None),
+    "backend.gmm.tol": (0.0, None),
+    "select.criterion": ("threshold", "k_best"),
+    "select.threshold": (0.0, 1.0),
+    "select.k_best": (1, None),
+    "train.epochs": (1, None),
+    "train.batch_size": (1, None),
+    "train.mu": (1, None),
+    "train.lr": (1e-9, None),
+    "train.momentum": (0.0, 1.0),
+    "train.weight_decay": (0.0, None),
+    "train.lambda_u": (0.0, None),
+    "train.hidden": (1, None),
+    "train.num_workers": (0, None),
+    "train.cpus_per_worker": (0.01, None),
+    "ray.num_cpus": (0, None),
+}
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """All dotted keys of a config class, e.g. ``["data.dataset", ..., "train.lambda_u"]``."""
+    keys: list[str] = []
+    for name in _fields(cls):
+        typ = _type_of(cls, name)
+        if dataclasses.is_dataclass(typ):
+            keys += valid_keys(typ, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Parse/convert ``value`` to the field type ``typ`` or raise ConfigError naming ``key``."""
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}={value!r}: not a valid value ({e})") from None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(typ, types.UnionType):  # pragma: no cover - no unions yet
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}={value!r}: expected {name}, got {type(value).__name__}")
+
+
+def _unknown(key: str, cls: type, prefix: str) -> ConfigError:
+    return ConfigError(
+        f"unknown config key {key!r}; valid keys: " + ", ".join(valid_keys(cls, prefix))
+    )
+
+
+def _set(obj: Any, parts: list[str], value: Any, prefix: str) -> Any:
+    cls = type(obj)
+    name, rest = parts[0], parts[1:]
+    key = prefix + name
+    if name not in _fields(cls):
+        raise _unknown(key, cls, prefix)
+    typ = _type_of(cls, name)
+    if dataclasses.is_dataclass(typ):
+        if not rest:
+            if isinstance(value, dict):  # a whole section, as YAML gives it
+                sub = getattr(obj, name)
+                for k, v in value.items():
+                    sub = _set(sub, str(k).split("."), v, key + ".")
+                return dataclasses.replace(obj, **{name: sub})
+            raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.<key>=...")
+        sub = _set(getattr(obj, name), rest, value, key + ".")
+    else:
+        if rest:
+            raise _unknown(prefix + ".".join(parts), cls, prefix)
+        sub = _coerce(key, value, typ)
+    return dataclasses.replace(obj, **{name: sub})
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return ``cfg`` with dotted keys replaced: ``{"select.threshold": 0.9}``.
+
+    Values may be typed (from YAML or Tune) or strings (from ``--set``), which are parsed as
+    YAML scalars and type-checked against the field. Unknown keys raise ConfigError listing the
+    valid keys. The result is validated.
+    """
+    for key, value in overrides.items():
+        cfg = _set(cfg, str(key).split("."), value, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}`` (values stay strings)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. select.threshold=0.9")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (nested or dotted keys), then ``overrides``."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {str(p)!r}: file not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {str(p)!r}: expected a mapping of config keys")
+        for k, v in raw.items():
+            cfg = _set(cfg, str(k).split("."), v, "")
+    return apply_overrides(cfg, overrides or {})
+
+
+def get(cfg: Any, key: str) -> Any:
+    """Read a dotted key: ``get(cfg, "select.threshold")``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check every declared limit; raise ConfigError naming the key, value and what is allowed."""
+    for key, limit in LIMITS.items():
+        value = get(cfg, key)
+        if isinstance(limit[0], str):
+            if value not in limit:
+                raise ConfigError(f"{key}={value!r}: must be one of {', '.join(limit)}")
+            continue
+        lo, hi = limit
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            lo_s = "-inf" if lo is None else str(lo)
+            hi_s = "inf" if hi is None else str(hi)
+            raise ConfigError(f"{key}={value!r}: must be in [{lo_s}, {hi_s}]")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict of a config (for YAML output and cache keys)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

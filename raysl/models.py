@@ -1,0 +1,56 @@
+"""Classifiers, chosen from the data's shape: a small CNN for images, an MLP for vectors.
+
+No batch norm: a model's output for a row must not depend on which other rows share its batch
+(DDP workers see different batches, and ``lambda_u = 0`` must equal supervised training).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class SmallCNN(nn.Module):
+    """(n, c, h, w) images -> (n, n_classes) logits; works from 8×8 (digits) to 32×32."""
+
+    def __init__(self, in_channels: int, n_classes: int, hidden: int = 256, width: int = 32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),  # (n, 2w, 4, 4) whatever the input size
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * w * 16, hidden), nn.ReLU(), nn.Dropout(0.25),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    """(n, d) vectors -> (n, n_classes) logits."""
+
+    def __init__(self, in_features: int, n_classes: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(0.1),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def build_model(input_shape: tuple[int, ...], n_classes: int, hidden: int = 256) -> nn.Module:
+    """A CNN for ``(c, h, w)`` inputs, an MLP for ``(d,)`` inputs."""
+    if len(input_shape) == 3:
+        return SmallCNN(input_shape[0], n_classes, hidden)
+    if len(input_shape) == 1:
+        return MLP(input_shape[0], n_classes, hidden)
+    raise ValueError(f"input_shape={input_shape}: expected (c, h, w) or (d,)")

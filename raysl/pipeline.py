@@ -1,0 +1,330 @@
+"""The pipeline: baseline classifier -> backend pseudo-labels -> selection -> joint training.
+
+Every stage writes its result into the output directory under a key made of everything it
+depends on, and is skipped when that result is already there; an interrupted joint training
+resumes from its last Ray Train checkpoint. So running the same command again resumes, and a
+threshold change re-uses the cached probabilities (no refit).
+
+Layout of ``out/``::
+
+    config.yaml             the resolved config
+    baseline/               supervised-only classifier (model.pt, result.json)
+    cache/proba-*.npz       backend probabilities for every unlabeled row
+    pseudo_labels.parquet   row, label, confidence, backend, selected
+    joint/                  the jointly trained classifier (model.pt, result.json)
+    model.pt                the final model (joint), loadable with weights_only=True
+    metrics.json            everything measured
+    ray/                    Ray Train runs and checkpoints
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysl.backends import BACKENDS, FitContext, backend_section
+from raysl.backends.base import Shard, fit
+from raysl.config import Config, dump_yaml
+from raysl.data import Split, load_dataset, make_split, shard
+from raysl.errors import ConfigError
+from raysl.io import write_json, write_text, write_with
+from raysl.metrics import expected_calibration_error, pseudo_label_metrics
+from raysl.models import build_model
+from raysl.select import Selection, select
+from raysl.train import TrainData, accuracy, state_from_numpy
+
+Log = Callable[[str], None]
+
+
+def _key(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, dict) and p and all(isinstance(v, np.ndarray) for v in p.values()):
+            for k in sorted(p):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(p[k]).tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so metrics.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def check(cfg: Config) -> Split:
+    """Validate names and data and build the split: everything that can fail on bad input,
+    before Ray starts."""
+    if cfg.backend.name not in BACKENDS:
+        raise ConfigError(f"backend.name={cfg.backend.name!r}: unknown backend; allowed: "
+                          f"{', '.join(BACKENDS)}")
+    return make_split(load_dataset(cfg.data), cfg.data)
+
+
+# -- stage 1 and 4: classifiers -------------------------------------------------------------
+
+def _save_model(path: Path, state: dict[str, np.ndarray], split: Split, cfg: Config) -> None:
+    payload = {"model": state_from_numpy(state), "input_shape": list(split.input_shape),
+               "n_classes": split.n_classes, "hidden": cfg.train.hidden}
+    write_with(path, lambda p: torch.save(payload, p))
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """Load a ``model.pt`` written by raysl (weights only: no code runs on load)."""
+    saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+    model = build_model(tuple(saved["input_shape"]), saved["n_classes"], saved["hidden"])
+    model.load_state_dict(saved["model"])
+    return model
+
+
+def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainData,
+                key: str, log: Log) -> dict[str, Any]:
+    """Train (or load the cached result of) one classifier; returns its result record."""
+    from raysl.distributed.trainer import train_classifier
+
+    d = out / stage
+    record_path = d / "result.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("key") == key and (d / "model.pt").is_file():
+            log(f"[{stage}] cached result found ({record_path}); skipping training")
+            record["cached"] = True
+            return record
+    log(f"[{stage}] training: {len(data.y_l)} labeled + {len(data.y_p)} pseudo-labeled rows, "
+        f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)")
+    outcome = train_classifier(data, cfg.train, split.input_shape, split.n_classes,
+                               out / "ray", f"{stage}-{key}")
+    model = build_model(split.input_shape, split.n_classes, cfg.train.hidden)
+    model.load_state_dict(state_from_numpy(outcome.state))
+    _save_model(d / "model.pt", outcome.state, split, cfg)
+    record = {
+        "key": key,
+        "test_accuracy": accuracy(model, split.x_test, split.y_test),
+        "val_accuracy": accuracy(model, split.x_val, split.y_val),
+        "seconds": outcome.seconds,
+        "epochs": len(outcome.history),
+        "resumed_from_epoch": outcome.resumed_from_epoch,
+        "history": outcome.history,
+    }
+    write_json(record_path, _finite(record))  # last: its presence marks the stage done
+    record["cached"] = False
+    return record
+
+
+def _empty_pseudo(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.zeros((0, *split.input_shape), np.float32), np.zeros(0, np.int64),
+            np.zeros(0, np.float32))
+
+
+def baseline(split: Split, cfg: Config, out: Path, log: Log) -> dict[str, Any]:
+    """Stage 1: the supervised-only classifier (same network and budget as the joint one)."""
+    tcfg = replace(cfg.train, lambda_u=0.0)
+    data = TrainData(split.x_l, split.y_l, *_empty_pseudo(split), split.x_val, split.y_val,
+                     len(split.x_u))
+    return train_stage("baseline", split, replace(cfg, train=tcfg), out, data,
+                       _key("baseline", split.key, asdict(tcfg)), log)
+
+
+# -- stage 2: backends ----------------------------------------------------------------------
+
+def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[str, Any],
+                 log: Log, use_ray: bool = True) -> dict[str, Any]:
+    """Stage 2: fit the backend over the unlabeled shards (Ray actors, or a local loop) and
+    cache its probabilities. Returns ``{"proba": (n_u, C), "key", "seconds", ...}``."""
+    b = cfg.backend
+    ctx = FitContext(split.n_classes, split.input_shape, cfg.data.seed, cfg.train.hidden,
+                     classifier_state if b.name == "self" else None)
+    key = _key(b.name, asdict(backend_section(b)) if backend_section(b) else None, split.key,
+               cfg.data.n_shards, cfg.train.hidden,
+               classifier_state if b.name == "self" else None)
+    path = out / "cache" / f"proba-{b.name}-{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            log(f"[pseudo-label] cached {b.name} probabilities found ({path}); no refit")
+            return {"proba": f["proba"], "key": key, "seconds": float(f["seconds"]),
+                    "rounds": int(f["rounds"]), "objective": f["objective"].tolist(),
+                    "cached": True}
+    shards = [Shard(x, split.x_l, split.y_l, i)
+              for i, x in enumerate(shard(split.x_u, cfg.data.n_shards))]
+    factory = BACKENDS[b.name]
+    log(f"[pseudo-label] fitting {b.name} over {len(shards)} shard(s) of "
+        f"{len(split.x_u)} unlabeled rows" + (" with Ray actors" if use_ray else ""))
+
+    def progress(rnd: int, obj: float) -> None:
+        if rnd == 1 or rnd % 10 == 0:
+            log(f"[pseudo-label] round {rnd}: objective {obj:.6g}")
+
+    if use_ray:
+        from raysl.distributed.actors import RayExecutor
+
+        with RayExecutor(factory, b, ctx, shards, b.actor_cpus) as ex:
+            res = fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress)
+    else:
+        from raysl.backends.base import LocalExecutor, ShardWorker
+
+        ex = LocalExecutor([ShardWorker(factory, b, ctx, s) for s in shards])
+        res = fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress)
+    log(f"[pseudo-label] {b.name}: {res.rounds} round(s) in {res.seconds:.1f}s")
+    obj = np.asarray(res.objective, np.float64)
+    write_with(path, lambda p: np.savez(p.open("wb"), proba=res.proba, seconds=res.seconds,
+                                        rounds=res.rounds, objective=obj))
+    return {"proba": res.proba, "key": key, "seconds": res.seconds, "rounds": res.rounds,
+            "objective": res.objective, "cached": False}
+
+
+# -- stage 3: selection ---------------------------------------------------------------------
+
+def write_pseudo_labels(path: Path, split: Split, sel: Selection, backend: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"row": split.idx_u.astype(np.int64), "label": sel.labels,
+                      "confidence": sel.conf.astype(np.float64),
+                      "backend": [backend] * len(sel.labels), "selected": sel.mask})
+    write_with(path, lambda p: pq.write_table(table, p))
+
+
+def read_pseudo_labels(path: Path, split: Split) -> tuple[Selection, str]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no pseudo-labels here; run `raysl pseudo-label` (or "
+                          "`raysl run`) with this --out first")
+    t = pq.read_table(path)
+    rows = t.column("row").to_numpy()
+    if not np.array_equal(rows, split.idx_u):
+        raise ConfigError(f"{path}: made from a different data split than this config's "
+                          "(data.* keys differ); re-run `raysl pseudo-label`")
+    sel = Selection(t.column("selected").to_numpy(), t.column("label").to_numpy(),
+                    t.column("confidence").to_numpy())
+    return sel, str(t.column("backend")[0]) if len(t) else ""
+
+
+def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log) -> dict[str, Any]:
+    """Stage 4: labeled CE + lambda_u × confidence-weighted CE on the kept pseudo-labels."""
+    m = sel.mask
+    # Keyed by the selection's content, so `raysl train` after `raysl pseudo-label` finds the
+    # same cached result as `raysl run`.
+    sel_key = _key({"labels": sel.labels, "mask": m.astype(np.uint8), "conf": sel.conf})
+    data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
+                     sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u))
+    return train_stage("joint", split, cfg, out, data,
+                       _key("joint", split.key, asdict(cfg.train), sel_key), log)
+
+
+# -- the whole thing ------------------------------------------------------------------------
+
+def _selection(split: Split, cfg: Config, proba: np.ndarray) -> tuple[Selection, dict]:
+    s = cfg.select
+    sel = select(proba, s.criterion, s.threshold, s.k_best)
+    m = pseudo_label_metrics(sel, split.y_u)
+    m.update(backend=cfg.backend.name, criterion=s.criterion, threshold=s.threshold,
+             ece=expected_calibration_error(proba, split.y_u),
+             per_class=sel.per_class(split.n_classes))
+    return sel, m
+
+
+def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
+        split: Split | None = None) -> dict[str, Any]:
+    """Run the pipeline (``stages``: "all", "pseudo-label" or "train") into ``out``.
+
+    Validates everything first, then joins or starts Ray (and stops it if it started it).
+    Returns the metrics also written to ``out/metrics.json``."""
+    t0 = time.perf_counter()
+    split = split if split is not None else check(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", dump_yaml(cfg))
+    log(f"raysl: {cfg.data.dataset}: {len(split.y_l)} labeled, {len(split.x_u)} unlabeled, "
+        f"{len(split.y_val)} validation, {len(split.y_test)} test rows; output in {out}")
+
+    from raysl.distributed.session import ensure_ray
+
+    started = ensure_ray(cfg.ray)
+    try:
+        metrics: dict[str, Any] = {"data": {
+            "dataset": cfg.data.dataset, "n_labeled": len(split.y_l),
+            "n_unlabeled": len(split.x_u), "n_val": len(split.y_val),
+            "n_test": len(split.y_test), "split_key": split.key}}
+        pq_path = out / "pseudo_labels.parquet"
+        if stages in ("all", "pseudo-label"):
+            base = baseline(split, cfg, out, log)
+            metrics["baseline"] = {k: base[k] for k in ("test_accuracy", "val_accuracy",
+                                                        "seconds", "cached")}
+            classifier = _load_state(out / "baseline" / "model.pt")
+            pl = pseudo_label(split, cfg, out, classifier, log)
+            sel, plm = _selection(split, cfg, pl["proba"])
+            plm.update(fit_seconds=pl["seconds"], rounds=pl["rounds"], cached=pl["cached"])
+            metrics["pseudo_labels"] = plm
+            write_pseudo_labels(pq_path, split, sel, cfg.backend.name)
+        else:
+            sel, name = read_pseudo_labels(pq_path, split)
+            metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u), "backend": name}
+        if stages in ("all", "train"):
+            j = joint(split, cfg, out, sel, log)
+            metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds",
+                                                  "epochs", "resumed_from_epoch", "cached")}
+            write_with(out / "model.pt",
+                       lambda p: p.write_bytes((out / "joint" / "model.pt").read_bytes()))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    write_json(out / "metrics.json", _finite(metrics))
+    log(summary(metrics, out))
+    return metrics
+
+
+def _load_state(path: Path) -> dict[str, np.ndarray]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.numpy() for k, v in saved["model"].items()}
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) \
+        else f"{100 * x:.1f}%"
+
+
+def summary(m: dict[str, Any], out: Path) -> str:
+    """A readable table of a run's metrics."""
+    rows: list[tuple[str, str, str]] = []
+    if "baseline" in m:
+        rows.append(("baseline (labeled only)", "test accuracy", _pct(m["baseline"]["test_accuracy"])))
+    if "pseudo_labels" in m:
+        p = m["pseudo_labels"]
+        rows.append((f"pseudo-labels ({p.get('backend', '?')})", "argmax accuracy",
+                     _pct(p.get("argmax_accuracy"))))
+        crit = (f"conf > {p['threshold']}" if p.get("criterion") == "threshold"
+                else p.get("criterion", "selected"))
+        rows.append(("", f"coverage ({crit})", f"{_pct(p['coverage'])} ({p['n_selected']} rows)"))
+        rows.append(("", "precision of kept", _pct(p["precision"])))
+        if "ece" in p:
+            rows.append(("", "calibration error (ECE)", f"{p['ece']:.3f}"))
+    if "joint" in m:
+        rows.append(("joint (labeled + pseudo)", "test accuracy", _pct(m["joint"]["test_accuracy"])))
+    w = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
+    lines = ["", f"{'stage':<{w[0]}}  {'metric':<{w[1]}}  value", "-" * (sum(w) + 10)]
+    lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
+    lines += [f"wall time {m['wall_seconds']:.0f}s; outputs in {out}/ (metrics.json, "
+              "pseudo_labels.parquet, model.pt)", ""]
+    return "\n".join(lines)
