@@ -8,6 +8,7 @@ vectors float32 ``(n, d)``; labels are int64 in ``0..C-1`` with ``-1`` for unlab
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,7 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     rest_idx: list[np.ndarray] = [np.where(ds.y == -1)[0]]
     for c in range(ds.n_classes):
         rows = rng.permutation(np.where(ds.y == c)[0])
-        n_test = int(round(len(rows) * cfg.test_fraction)) if own_test else 0
+        n_test = round(len(rows) * cfg.test_fraction) if own_test else 0
         need = n_test + cfg.val_per_class + cfg.labels_per_class
         if len(rows) < need:
             raise DataError(
@@ -252,7 +253,7 @@ def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     if not 1 <= n_shards <= max(n, 1):
         raise DataError(f"data.n_shards={n_shards}: must be in [1, {n}] for {n} rows")
     edges = np.linspace(0, n, n_shards + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def shard(x: np.ndarray, n_shards: int) -> list[np.ndarray]:

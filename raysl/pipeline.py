@@ -88,11 +88,12 @@ def _save_model(path: Path, state: dict[str, np.ndarray], split: Split, cfg: Con
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
-    """Load a ``model.pt`` written by raysl (weights only: no code runs on load)."""
+    """Load a ``model.pt`` written by raysl, in eval mode (weights only: no code runs on
+    load)."""
     saved = torch.load(Path(path), map_location="cpu", weights_only=True)
     model = build_model(tuple(saved["input_shape"]), saved["n_classes"], saved["hidden"])
     model.load_state_dict(saved["model"])
-    return model
+    return model.eval()
 
 
 def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainData,
@@ -309,7 +310,8 @@ def summary(m: dict[str, Any], out: Path) -> str:
     """A readable table of a run's metrics."""
     rows: list[tuple[str, str, str]] = []
     if "baseline" in m:
-        rows.append(("baseline (labeled only)", "test accuracy", _pct(m["baseline"]["test_accuracy"])))
+        rows.append(("baseline (labeled only)", "test accuracy",
+                     _pct(m["baseline"]["test_accuracy"])))
     if "pseudo_labels" in m:
         p = m["pseudo_labels"]
         rows.append((f"pseudo-labels ({p.get('backend', '?')})", "argmax accuracy",
@@ -321,7 +323,8 @@ def summary(m: dict[str, Any], out: Path) -> str:
         if "ece" in p:
             rows.append(("", "calibration error (ECE)", f"{p['ece']:.3f}"))
     if "joint" in m:
-        rows.append(("joint (labeled + pseudo)", "test accuracy", _pct(m["joint"]["test_accuracy"])))
+        rows.append(("joint (labeled + pseudo)", "test accuracy",
+                     _pct(m["joint"]["test_accuracy"])))
     w = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
     lines = ["", f"{'stage':<{w[0]}}  {'metric':<{w[1]}}  value", "-" * (sum(w) + 10)]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]

@@ -95,7 +95,7 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
         loss.backward()
         opt.step()
         sums += [loss.item(), sup.item(), unsup.item()]
-    mean = sums / steps
+    mean = (sums / steps).tolist()  # plain floats: checkpoints load with weights_only=True
     return {"loss": mean[0], "loss_sup": mean[1], "loss_unsup": mean[2], "steps": steps}
 
 

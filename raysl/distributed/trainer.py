@@ -8,6 +8,7 @@ the same storage path and name resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +43,16 @@ class TrainOutcome:
     resumed_from_epoch: int  # -1 when the run started fresh
 
 
+def _quiet_report_logs() -> None:
+    # Ray 2.60 logs every report at INFO through a logger named by its file path, which
+    # LoggingConfig(log_level=...) does not reach; one line per epoch and rank drowns progress.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    _quiet_report_logs()
     cfg = TrainConfig(**config["train"])
     data: TrainData = ray.get(config["data"])
     ctx = ray.train.get_context()
@@ -63,6 +73,8 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         start, history, resumed = saved["epoch"] + 1, saved["history"], saved["epoch"]
 
     for epoch in range(start, cfg.epochs):
+        if epoch == config.get("fault_epoch"):  # fault injection, for the resume tests
+            raise RuntimeError(f"injected fault at epoch {epoch}")
         t0 = time.perf_counter()
         row = run_epoch(model, opt, data, cfg, epoch, rank, world, device)
         row.update(epoch=epoch, val_accuracy=accuracy(unwrap(model), data.x_val, data.y_val,
@@ -86,10 +98,13 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
 def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...],
                      n_classes: int, storage_path: str | Path, name: str,
-                     verbose: bool = True, max_failures: int = 1) -> TrainOutcome:
+                     verbose: bool = True, max_failures: int = 1,
+                     fault_epoch: int | None = None) -> TrainOutcome:
     """Train the classifier with Ray Train; resume if ``storage_path/name`` has checkpoints.
 
-    ``cfg.num_workers == 0`` runs the same loop in this process (Ray Train's local mode)."""
+    ``cfg.num_workers == 0`` runs the same loop in this process (Ray Train's local mode, which
+    keeps no checkpoints). ``fault_epoch`` makes the workers fail when they reach that epoch
+    (tests of resuming)."""
     t0 = time.perf_counter()
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -98,7 +113,7 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
         _worker_loop,
         train_loop_config={"train": asdict(cfg), "data": ray.put(data), "name": name,
                            "input_shape": list(input_shape), "n_classes": n_classes,
-                           "verbose": verbose},
+                           "verbose": verbose, "fault_epoch": fault_epoch},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

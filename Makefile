@@ -1,0 +1,30 @@
+# `make run` and `make test` install what is missing (once: a stamp file tracks pyproject.toml),
+# then run. Everything lives in a virtualenv at $(VENV).
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-install
+ARGS   ?=
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing raysl and its dependencies into $(VENV) (torch is large: a few minutes the first time)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/raysl run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check raysl tests jobs
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check raysl tests jobs
+
+clean:
+	rm -rf runs .pytest_cache

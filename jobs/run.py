@@ -1,0 +1,20 @@
+"""Entry point for `ray job submit`: the whole pipeline on the cluster the job runs in.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/run.py --config jobs/configs/digits.yaml --out /shared/raysl/digits
+
+Inside a job RAY_ADDRESS is set, so raysl joins the cluster instead of starting a local Ray.
+The job's working directory is a temporary upload: give --out an absolute (shared) path.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
+
+from raysl.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

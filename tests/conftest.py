@@ -1,0 +1,29 @@
+"""Shared fixtures. Ray starts once per session (2 CPUs), and only for tests that ask for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from raysl.config import Config, apply_overrides
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    import raysl.distributed.session  # noqa: F401  (sets Ray env defaults before init)
+
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """digits, a few epochs, 2 DDP workers at 0.5 CPU: the whole pipeline in ~1 minute."""
+    return apply_overrides(Config(), {
+        "train.epochs": 3, "train.num_workers": 2, "train.cpus_per_worker": 0.5,
+        "backend.gmm.max_iter": 8, "data.n_shards": 2,
+    })

@@ -1,0 +1,138 @@
+"""Integration tests on a real local Ray (one session for the module, 2 CPUs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from raysl import pipeline
+from raysl.backends import BACKENDS, FitContext
+from raysl.backends.base import LocalExecutor, Shard, ShardWorker, fit
+from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, load_config
+from raysl.data import load_dataset, make_split, shard
+from raysl.train import TrainData
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+
+
+@pytest.fixture(scope="module")
+def split():
+    cfg = DataConfig()
+    return make_split(load_dataset(cfg), cfg)
+
+
+def _shards(split, n: int) -> list[Shard]:
+    return [Shard(x, split.x_l, split.y_l, i) for i, x in enumerate(shard(split.x_u, n))]
+
+
+def _fit_both(name: str, split, ctx: FitContext, cfg: Config, n_shards: int):
+    from raysl.distributed.actors import RayExecutor
+
+    factory = BACKENDS[name]
+    shards = _shards(split, n_shards)
+    local = fit(factory(cfg.backend, ctx),
+                LocalExecutor([ShardWorker(factory, cfg.backend, ctx, s) for s in shards]),
+                split.x_l, split.y_l)
+    with RayExecutor(factory, cfg.backend, ctx, shards, num_cpus=0.5) as ex:
+        remote = fit(factory(cfg.backend, ctx), ex, split.x_l, split.y_l)
+    return local, remote
+
+
+def test_gmm_actor_fit_equals_local_fit(split) -> None:
+    cfg = apply_overrides(Config(), {"backend.gmm.max_iter": 15})
+    ctx = FitContext(split.n_classes, split.input_shape, seed=0)
+    local, remote = _fit_both("gmm", split, ctx, cfg, n_shards=3)
+    assert local.rounds == remote.rounds > 1
+    np.testing.assert_array_equal(local.proba, remote.proba)
+    assert local.objective == remote.objective
+    assert remote.proba.shape == (len(split.x_u), split.n_classes)
+
+
+def test_self_backend_actor_fit_equals_local_fit(split) -> None:
+    from raysl.models import build_model
+    from raysl.train import state_to_numpy
+
+    torch.manual_seed(0)
+    state = state_to_numpy(build_model(split.input_shape, split.n_classes).state_dict())
+    ctx = FitContext(split.n_classes, split.input_shape, 0, classifier_state=state)
+    local, remote = _fit_both("self", split, ctx, Config(), n_shards=2)
+    assert remote.rounds == 0
+    np.testing.assert_allclose(local.proba, remote.proba, rtol=0, atol=1e-6)
+
+
+def _train_data(split) -> TrainData:
+    e = np.zeros((0, *split.input_shape), np.float32)
+    return TrainData(split.x_l, split.y_l, e, np.zeros(0, np.int64), np.zeros(0, np.float32),
+                     split.x_val, split.y_val, len(split.x_u))
+
+
+def test_training_resumes_from_checkpoint_after_a_crash(split, tmp_path: Path) -> None:
+    """A run that dies at epoch 3 is resumed from its last checkpoint by running it again, and
+    ends with exactly the weights of a run that never failed (epochs are safe to redo)."""
+    from raysl.distributed.trainer import train_classifier
+
+    cfg = TrainConfig(epochs=4, num_workers=1, cpus_per_worker=0.5)
+    args = (_train_data(split), cfg, split.input_shape, split.n_classes, tmp_path)
+    with pytest.raises(Exception, match="injected fault"):
+        train_classifier(*args, "crashy", max_failures=0, fault_epoch=3, verbose=False)
+    resumed = train_classifier(*args, "crashy", verbose=False)
+    fresh = train_classifier(*args, "fresh", verbose=False)
+    assert resumed.resumed_from_epoch in (1, 2)  # the newest checkpoint may lag by one
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    for k in fresh.state:
+        np.testing.assert_array_equal(resumed.state[k], fresh.state[k], err_msg=k)
+
+
+def test_run_end_to_end_writes_sane_outputs_and_resumes(tiny_config: Config,
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    m = pipeline.run(tiny_config, out, log=lambda s: None)
+
+    for f in ("config.yaml", "metrics.json", "pseudo_labels.parquet", "model.pt",
+              "baseline/model.pt", "joint/model.pt"):
+        assert (out / f).is_file(), f
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+    # config.yaml replays to the same config
+    assert load_config(out / "config.yaml") == tiny_config
+    # metrics.json is strict JSON with the required figures
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("baseline", "joint"):
+        assert 0.0 <= saved[key]["test_accuracy"] <= 1.0
+    p = saved["pseudo_labels"]
+    assert 0.0 <= p["coverage"] <= 1.0 and 0.0 <= p["precision"] <= 1.0
+    assert sum(p["per_class"]) == p["n_selected"]
+    # pseudo_labels.parquet: one row per unlabeled row, selection consistent with metrics
+    t = pq.read_table(out / "pseudo_labels.parquet").to_pydict()
+    assert len(t["row"]) == m["data"]["n_unlabeled"] == len(set(t["row"]))
+    assert sum(t["selected"]) == p["n_selected"]
+    assert all(c > tiny_config.select.threshold for c, s in zip(t["confidence"], t["selected"],
+                                                                strict=True) if s)
+    assert set(t["backend"]) == {"gmm"}
+    # the final model loads without pickled code and reproduces the reported test accuracy
+    model = pipeline.load_model(out / "model.pt")
+    split = pipeline.check(tiny_config)
+    with torch.no_grad():
+        acc = (model(torch.from_numpy(split.x_test)).argmax(1).numpy() == split.y_test).mean()
+    assert acc == pytest.approx(m["joint"]["test_accuracy"])
+
+    # Running again resumes: every stage is found done, and the figures are the same.
+    again = pipeline.run(tiny_config, out, log=lambda s: None)
+    assert again["baseline"]["cached"] and again["joint"]["cached"]
+    assert again["pseudo_labels"]["cached"]
+    assert again["joint"]["test_accuracy"] == m["joint"]["test_accuracy"]
+
+    # A new threshold re-uses the cached probabilities (no refit) and retrains the joint model.
+    cfg2 = dataclasses.replace(tiny_config, select=dataclasses.replace(tiny_config.select,
+                                                                      threshold=0.999))
+    m2 = pipeline.run(cfg2, out, log=lambda s: None)
+    assert m2["pseudo_labels"]["cached"] and m2["baseline"]["cached"]
+    assert not m2["joint"]["cached"]
+    assert m2["pseudo_labels"]["n_selected"] <= p["n_selected"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["select"]["threshold"] == 0.999
