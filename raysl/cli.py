@@ -11,6 +11,12 @@ from raysl.errors import RayslError
 
 DEFAULT_OUT = "runs/default"
 
+# `raysl bench NAME ...` -> the module's ``main(argv) -> int`` (imported only when run).
+BENCHES: dict[str, str] = {
+    "backends": "raysl.bench.backends",
+    "accuracy": "raysl.bench.accuracy",
+}
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of config keys (nested or dotted)")
@@ -30,6 +36,16 @@ def parser() -> argparse.ArgumentParser:
         ("train", "joint training from the pseudo_labels.parquet in --out"),
     ):
         _common(sub.add_parser(name, help=text, description=text))
+    tune = sub.add_parser("tune", help="Ray Tune search over config keys (see README)",
+                          description="Ray Tune search over any config keys; running again "
+                          "with the same --out resumes the search")
+    _common(tune)
+    tune.add_argument("--space", help="YAML file: the search space, by dotted config keys")
+    bench = sub.add_parser("bench", help="benchmarks that print a table: "
+                           + ", ".join(BENCHES))
+    bench.add_argument("name", choices=sorted(BENCHES))
+    bench.add_argument("args", nargs=argparse.REMAINDER,
+                       help="the benchmark's own options (raysl bench NAME --help)")
     sub.add_parser("keys", help="list every config key with its default")
     return ap
 
@@ -47,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = Config()
             for k in valid_keys():
                 print(f"{k} = {get(cfg, k)!r}")
+            return 0
+        if args.command == "bench":
+            import importlib
+
+            return int(importlib.import_module(BENCHES[args.name]).main(args.args))
+        if args.command == "tune":
+            from raysl.distributed.tune import tune
+
+            tune(_config(args), args.space, args.out)
             return 0
         from raysl import pipeline
 

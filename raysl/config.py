@@ -73,8 +73,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # empty: join RAY_ADDRESS if set, else start a local Ray
+    address: str = ""  # empty: join RAY_ADDRESS if set, else start a local Ray; "auto": join
+    # the cluster started on this machine with `ray start`
     num_cpus: int = 0  # for a local Ray; 0 lets Ray count the cores
+    # Ray Train checkpoints: a directory every node sees, or a cloud URI (s3://, gs://, ...);
+    # empty: <out>/ray
+    storage_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif typ is str:

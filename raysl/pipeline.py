@@ -112,7 +112,7 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     log(f"[{stage}] training: {len(data.y_l)} labeled + {len(data.y_p)} pseudo-labeled rows, "
         f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)")
     outcome = train_classifier(data, cfg.train, split.input_shape, split.n_classes,
-                               out / "ray", f"{stage}-{key}")
+                               cfg.ray.storage_path or out / "ray", f"{stage}-{key}")
     model = build_model(split.input_shape, split.n_classes, cfg.train.hidden)
     model.load_state_dict(state_from_numpy(outcome.state))
     _save_model(d / "model.pt", outcome.state, split, cfg)
@@ -123,6 +123,7 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
         "seconds": outcome.seconds,
         "epochs": len(outcome.history),
         "resumed_from_epoch": outcome.resumed_from_epoch,
+        "nodes": len(set(outcome.nodes)),
         "history": outcome.history,
     }
     write_json(record_path, _finite(record))  # last: its presence marks the stage done
@@ -162,7 +163,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             log(f"[pseudo-label] cached {b.name} probabilities found ({path}); no refit")
             return {"proba": f["proba"], "key": key, "seconds": float(f["seconds"]),
                     "rounds": int(f["rounds"]), "objective": f["objective"].tolist(),
-                    "cached": True}
+                    "nodes": int(f["nodes"]), "cached": True}
     shards = [Shard(x, split.x_l, split.y_l, i)
               for i, x in enumerate(shard(split.x_u, cfg.data.n_shards))]
     factory = BACKENDS[b.name]
@@ -176,19 +177,23 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     if use_ray:
         from raysl.distributed.actors import RayExecutor
 
-        with RayExecutor(factory, b, ctx, shards, b.actor_cpus) as ex:
+        gpus = 1.0 if cfg.train.use_gpu else 0.0
+        with RayExecutor(factory, b, ctx, shards, b.actor_cpus, gpus) as ex:
+            nodes = len(set(ex.node_ids()))
             res = fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress)
     else:
+        nodes = 1
         from raysl.backends.base import LocalExecutor, ShardWorker
 
         ex = LocalExecutor([ShardWorker(factory, b, ctx, s) for s in shards])
         res = fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress)
-    log(f"[pseudo-label] {b.name}: {res.rounds} round(s) in {res.seconds:.1f}s")
+    log(f"[pseudo-label] {b.name}: {res.rounds} round(s) in {res.seconds:.1f}s on "
+        f"{nodes} node(s)")
     obj = np.asarray(res.objective, np.float64)
     write_with(path, lambda p: np.savez(p.open("wb"), proba=res.proba, seconds=res.seconds,
-                                        rounds=res.rounds, objective=obj))
+                                        rounds=res.rounds, objective=obj, nodes=nodes))
     return {"proba": res.proba, "key": key, "seconds": res.seconds, "rounds": res.rounds,
-            "objective": res.objective, "cached": False}
+            "objective": res.objective, "nodes": nodes, "cached": False}
 
 
 # -- stage 3: selection ---------------------------------------------------------------------
@@ -269,11 +274,12 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
         if stages in ("all", "pseudo-label"):
             base = baseline(split, cfg, out, log)
             metrics["baseline"] = {k: base[k] for k in ("test_accuracy", "val_accuracy",
-                                                        "seconds", "cached")}
+                                                        "seconds", "nodes", "cached")}
             classifier = _load_state(out / "baseline" / "model.pt")
             pl = pseudo_label(split, cfg, out, classifier, log)
             sel, plm = _selection(split, cfg, pl["proba"])
-            plm.update(fit_seconds=pl["seconds"], rounds=pl["rounds"], cached=pl["cached"])
+            plm.update(fit_seconds=pl["seconds"], rounds=pl["rounds"], nodes=pl["nodes"],
+                       cached=pl["cached"])
             metrics["pseudo_labels"] = plm
             write_pseudo_labels(pq_path, split, sel, cfg.backend.name)
         else:
@@ -282,7 +288,8 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
         if stages in ("all", "train"):
             j = joint(split, cfg, out, sel, log)
             metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds",
-                                                  "epochs", "resumed_from_epoch", "cached")}
+                                                  "epochs", "resumed_from_epoch", "nodes",
+                                                  "cached")}
             write_with(out / "model.pt",
                        lambda p: p.write_bytes((out / "joint" / "model.pt").read_bytes()))
     finally:

@@ -12,6 +12,7 @@ call it directly. Batches are drawn from per-(seed, epoch, rank) generators, so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,11 @@ def _rng(*key: int) -> np.random.Generator:
 
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
               epoch: int, rank: int = 0, world_size: int = 1,
-              device: torch.device | str = "cpu") -> dict[str, float]:
-    """Train one epoch on this rank's share of the batches; returns mean losses."""
+              device: torch.device | str = "cpu",
+              on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Train one epoch on this rank's share of the batches; returns mean losses.
+
+    ``on_step(step, steps)`` is called after every optimizer step (progress, fault tests)."""
     steps = steps_per_epoch(data.n_u, cfg, world_size)
     total = steps * cfg.epochs
     torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)  # dropout, per epoch & rank
@@ -95,6 +99,8 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
         loss.backward()
         opt.step()
         sums += [loss.item(), sup.item(), unsup.item()]
+        if on_step is not None:
+            on_step(s, steps)
     mean = (sums / steps).tolist()  # plain floats: checkpoints load with weights_only=True
     return {"loss": mean[0], "loss_sup": mean[1], "loss_unsup": mean[2], "steps": steps}
 

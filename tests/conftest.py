@@ -15,7 +15,7 @@ def ray_session() -> Iterator[None]:
 
     import raysl.distributed.session  # noqa: F401  (sets Ray env defaults before init)
 
-    ray.init(num_cpus=2, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

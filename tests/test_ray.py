@@ -17,6 +17,7 @@ from raysl.backends import BACKENDS, FitContext
 from raysl.backends.base import LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, load_config
 from raysl.data import load_dataset, make_split, shard
+from raysl.distributed.faults import Fault
 from raysl.train import TrainData
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
@@ -50,8 +51,9 @@ def test_gmm_actor_fit_equals_local_fit(split) -> None:
     ctx = FitContext(split.n_classes, split.input_shape, seed=0)
     local, remote = _fit_both("gmm", split, ctx, cfg, n_shards=3)
     assert local.rounds == remote.rounds > 1
-    np.testing.assert_array_equal(local.proba, remote.proba)
-    assert local.objective == remote.objective
+    # identical up to rounding (BLAS thread counts differ between driver and actors)
+    np.testing.assert_allclose(local.proba, remote.proba, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(local.objective, remote.objective, rtol=1e-12)
     assert remote.proba.shape == (len(split.x_u), split.n_classes)
 
 
@@ -80,8 +82,9 @@ def test_training_resumes_from_checkpoint_after_a_crash(split, tmp_path: Path) -
 
     cfg = TrainConfig(epochs=4, num_workers=1, cpus_per_worker=0.5)
     args = (_train_data(split), cfg, split.input_shape, split.n_classes, tmp_path)
+    fault = Fault(str(tmp_path / "fired"), at=3, exit=False)
     with pytest.raises(Exception, match="injected fault"):
-        train_classifier(*args, "crashy", max_failures=0, fault_epoch=3, verbose=False)
+        train_classifier(*args, "crashy", max_failures=0, fault=fault, verbose=False)
     resumed = train_classifier(*args, "crashy", verbose=False)
     fresh = train_classifier(*args, "fresh", verbose=False)
     assert resumed.resumed_from_epoch in (1, 2)  # the newest checkpoint may lag by one

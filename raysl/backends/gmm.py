@@ -165,7 +165,10 @@ class GMMBackend:
             for c in range(self.ctx.n_classes)
         ])
         rho = self.cfg.reg_covar * float(evals.mean())
-        covs = np.repeat(np.diag(evals + rho)[None], len(means), axis=0)
+        # The data covariance in the projected space: diag(evals) for a PCA basis, the full
+        # covariance when pca_dim=0 keeps the raw axes.
+        cov = proj.T @ (sxx / n - np.outer(mean, mean)) @ proj
+        covs = np.repeat((0.5 * (cov + cov.T) + rho * np.eye(d))[None], len(means), axis=0)
         weights = np.full(len(means), 1.0 / len(means))
         self.state.update(phase="em", weights=weights, means=means, covs=covs, rho=rho)
 

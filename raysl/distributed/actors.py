@@ -17,6 +17,11 @@ import ray
 from raysl.backends.base import BackendFactory, FitContext, Shard, ShardWorker
 
 
+class _ShardActor(ShardWorker):
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
 class RayExecutor:
     """An :class:`~raysl.backends.base.Executor` over Ray actors; use it as a context manager."""
 
@@ -24,11 +29,14 @@ class RayExecutor:
                  shards: list[Shard], num_cpus: float = 0.5, num_gpus: float = 0.0) -> None:
         # Restarted actors re-run the constructor (state reset) and retried calls re-send the
         # state, which is safe because ShardWorker is stateless between calls.
+        # SPREAD: shards on as many nodes as there are, so a cluster fits in parallel.
         actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=2,
-                               max_task_retries=2)(ShardWorker)
-        ctx_ref = ray.put(ctx)
-        self.actors = [actor_cls.remote(factory, backend_cfg, ctx_ref, ray.put(s))
-                       for s in shards]
+                               max_task_retries=2, scheduling_strategy="SPREAD")(_ShardActor)
+        # The driver holds these refs for the executor's lifetime: a restarted actor re-reads
+        # its constructor arguments, which must still exist (ray-project/ray#53727).
+        self._refs = [ray.put(ctx), *[ray.put(s) for s in shards]]
+        self.actors = [actor_cls.remote(factory, backend_cfg, self._refs[0], ref)
+                       for ref in self._refs[1:]]
 
     def stats(self, state: dict[str, Any]) -> list[Any]:
         ref = ray.put(state)
@@ -38,10 +46,14 @@ class RayExecutor:
         ref = ray.put(state)
         return ray.get([a.predict.remote(ref) for a in self.actors])
 
+    def node_ids(self) -> list[str]:
+        """The Ray node each shard's actor runs on."""
+        return ray.get([a.node_id.remote() for a in self.actors])
+
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        self.actors = []
+        self.actors, self._refs = [], []
 
     def __enter__(self) -> RayExecutor:
         return self

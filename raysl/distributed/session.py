@@ -27,5 +27,7 @@ def ensure_ray(cfg: RayConfig) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus or None, **kwargs)
+        # "local": always a new Ray of our own, never a stray cluster found on this machine
+        # (set ray.address=auto to join one started with `ray start`).
+        ray.init(address="local", num_cpus=cfg.num_cpus or None, **kwargs)
     return True

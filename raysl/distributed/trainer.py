@@ -22,6 +22,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
+from raysl.distributed.faults import Fault
 from raysl.models import build_model
 from raysl.train import (
     TrainData,
@@ -41,6 +42,7 @@ class TrainOutcome:
     history: list[dict[str, float]]  # one row per epoch
     seconds: float
     resumed_from_epoch: int  # -1 when the run started fresh
+    nodes: list[str]  # the Ray node of each rank
 
 
 def _quiet_report_logs() -> None:
@@ -72,11 +74,15 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         opt.load_state_dict(saved["optimizer"])
         start, history, resumed = saved["epoch"] + 1, saved["history"], saved["epoch"]
 
+    fault: Fault | None = config.get("fault")
+
+    def mid_epoch_fault(step: int, steps: int) -> None:
+        if fault is not None and step == steps // 2:
+            fault.fire(epoch, rank)
+
     for epoch in range(start, cfg.epochs):
-        if epoch == config.get("fault_epoch"):  # fault injection, for the resume tests
-            raise RuntimeError(f"injected fault at epoch {epoch}")
         t0 = time.perf_counter()
-        row = run_epoch(model, opt, data, cfg, epoch, rank, world, device)
+        row = run_epoch(model, opt, data, cfg, epoch, rank, world, device, mid_epoch_fault)
         row.update(epoch=epoch, val_accuracy=accuracy(unwrap(model), data.x_val, data.y_val,
                                                       device),
                    epoch_seconds=time.perf_counter() - t0, resumed_from_epoch=resumed)
@@ -91,20 +97,27 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                             "epoch": epoch, "history": history}, Path(tmp) / CKPT_FILE)
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report(row, checkpoint=checkpoint)
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:  # where every rank ran, for the record (and the multi-node test)
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, nodes[0])
+        nodes = gathered
     if rank != 0:
         return None
-    return {"model": state_to_numpy(unwrap(model).state_dict()), "history": history}
+    return {"model": state_to_numpy(unwrap(model).state_dict()), "history": history,
+            "nodes": nodes}
 
 
 def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...],
                      n_classes: int, storage_path: str | Path, name: str,
                      verbose: bool = True, max_failures: int = 1,
-                     fault_epoch: int | None = None) -> TrainOutcome:
+                     fault: Fault | None = None,
+                     callbacks: list[Any] | None = None) -> TrainOutcome:
     """Train the classifier with Ray Train; resume if ``storage_path/name`` has checkpoints.
 
     ``cfg.num_workers == 0`` runs the same loop in this process (Ray Train's local mode, which
-    keeps no checkpoints). ``fault_epoch`` makes the workers fail when they reach that epoch
-    (tests of resuming)."""
+    keeps no checkpoints). ``fault`` makes a worker fail mid-epoch once (fault tests).
+    ``storage_path`` may be a local/shared directory or a cloud URI (pyarrow filesystems)."""
     t0 = time.perf_counter()
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -113,14 +126,15 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
         _worker_loop,
         train_loop_config={"train": asdict(cfg), "data": ray.put(data), "name": name,
                            "input_shape": list(input_shape), "n_classes": n_classes,
-                           "verbose": verbose, "fault_epoch": fault_epoch},
+                           "verbose": verbose, "fault": fault},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()),
+            name=name, storage_path=_storage(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,  # e.g. Tune's TuneReportCallback inside a Tune trial
         ),
     )
     # Local mode keeps no checkpoint on disk, so the final weights come back as rank 0's
@@ -128,4 +142,10 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
     out = trainer.fit().return_value
     history = out["history"]
     resumed = max((int(h["resumed_from_epoch"]) for h in history), default=-1)
-    return TrainOutcome(out["model"], history, time.perf_counter() - t0, resumed)
+    return TrainOutcome(out["model"], history, time.perf_counter() - t0, resumed, out["nodes"])
+
+
+def _storage(path: str | Path) -> str:
+    """Absolute local paths (a job's working directory is a temporary upload); URIs as is."""
+    s = str(path)
+    return s if "://" in s else str(Path(s).resolve())

@@ -1,0 +1,39 @@
+"""Run the pipeline on a simulated two-node cluster and print its metrics as JSON.
+
+``ray.cluster_utils.Cluster`` starts a head and a worker node (1 CPU each) on this machine;
+shard actors and train workers then need both nodes. tests/test_cluster.py runs this in a
+process of its own, because a process joins one Ray cluster at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import ray
+from ray.cluster_utils import Cluster
+
+import raysl.distributed.session  # noqa: F401  (Ray env defaults, before Ray starts)
+from raysl import pipeline
+from raysl.config import Config, apply_overrides
+
+
+def main(out: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        cfg = apply_overrides(Config(), {
+            "train.epochs": 2, "train.num_workers": 2, "train.cpus_per_worker": 1,
+            "backend.actor_cpus": 1, "data.n_shards": 2, "backend.gmm.max_iter": 5})
+        metrics = pipeline.run(cfg, out, log=lambda s: print(s, file=sys.stderr))
+        metrics["cluster_nodes"] = len([n for n in ray.nodes() if n["Alive"]])
+        print(json.dumps(metrics))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

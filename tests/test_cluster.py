@@ -1,0 +1,199 @@
+"""Clusters, jobs and faults: cluster.yaml validates, a job submitted to a local head succeeds,
+two nodes share the work, and dying actors, workers and drivers do not lose or corrupt work."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from raysl import pipeline
+from raysl.backends import BACKENDS, FitContext
+from raysl.backends.base import LocalExecutor, Shard, ShardWorker, fit
+from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, dump_yaml
+from raysl.data import load_dataset, make_split, shard
+from raysl.distributed.faults import Fault, FaultyFactory
+from raysl.train import TrainData
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-onprem.yaml"])
+def test_cluster_configs_validate_against_rays_schema(name: str) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / name).read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    setup = " ".join(raw["setup_commands"])
+    assert "ray[default,train,tune]==2.60.0" in setup  # the project's Ray, not a nightly
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head  # the Jobs API stays on loopback
+    raw["max_wrokers"] = 3  # a typo must not pass
+    with pytest.raises(Exception, match="max_wrokers"):
+        validate_config(prepare_config(raw))
+
+
+@pytest.fixture(scope="module")
+def split():
+    cfg = DataConfig()
+    return make_split(load_dataset(cfg), cfg)
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_actor_dying_mid_round_is_retried_and_the_fit_is_unchanged(split,
+                                                                   tmp_path: Path) -> None:
+    from raysl.distributed.actors import RayExecutor
+
+    cfg = apply_overrides(Config(), {"backend.gmm.max_iter": 6})
+    ctx = FitContext(split.n_classes, split.input_shape, seed=0)
+    shards = [Shard(x, split.x_l, split.y_l, i) for i, x in enumerate(shard(split.x_u, 2))]
+    factory = BACKENDS["gmm"]
+    clean = fit(factory(cfg.backend, ctx),
+                LocalExecutor([ShardWorker(factory, cfg.backend, ctx, s) for s in shards]),
+                split.x_l, split.y_l)
+    fault = Fault(str(tmp_path / "fired"), at=3, shard=1, exit=True)
+    faulty = FaultyFactory(factory, fault)
+    with RayExecutor(faulty, cfg.backend, ctx, shards, num_cpus=0.5) as ex:
+        survived = fit(faulty(cfg.backend, ctx), ex, split.x_l, split.y_l)
+    assert Path(fault.marker).exists(), "the fault never fired"
+    # the same fit up to rounding (BLAS thread counts differ between driver and actors)
+    np.testing.assert_allclose(survived.objective, clean.objective, rtol=1e-12)
+    np.testing.assert_allclose(survived.proba, clean.proba, rtol=0, atol=1e-9)
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_train_worker_dying_mid_epoch_restarts_from_checkpoint(split, tmp_path: Path) -> None:
+    from raysl.distributed.trainer import train_classifier
+
+    e = np.zeros((0, *split.input_shape), np.float32)
+    data = TrainData(split.x_l, split.y_l, e, np.zeros(0, np.int64), np.zeros(0, np.float32),
+                     split.x_val, split.y_val, len(split.x_u))
+    cfg = TrainConfig(epochs=3, num_workers=2, cpus_per_worker=0.5)
+    args = (data, cfg, split.input_shape, split.n_classes, tmp_path)
+    fault = Fault(str(tmp_path / "fired"), at=1, shard=1, exit=True)  # rank 1, epoch 1
+    survived = train_classifier(*args, "dies", max_failures=1, fault=fault, verbose=False)
+    clean = train_classifier(*args, "clean", verbose=False)
+    assert Path(fault.marker).exists(), "the fault never fired"
+    assert [h["epoch"] for h in survived.history] == [0, 1, 2]
+    assert survived.resumed_from_epoch in (-1, 0)  # -1 only if epoch 0's checkpoint was lost
+    for k in clean.state:
+        np.testing.assert_array_equal(survived.state[k], clean.state[k], err_msg=k)
+
+
+def _tiny(overrides: dict[str, object] | None = None) -> Config:
+    return apply_overrides(Config(), {"train.epochs": 8, "train.num_workers": 1,
+                                      "backend.gmm.max_iter": 5, **(overrides or {})})
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_killed_driver_resumes_when_run_again(tmp_path: Path) -> None:
+    import ray
+
+    out = tmp_path / "run"
+    cfg = _tiny({"ray.address": ray.get_runtime_context().gcs_address})
+    (tmp_path / "cfg.yaml").write_text(dump_yaml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "raysl.cli", "run", "--config",
+                             str(tmp_path / "cfg.yaml"), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not list(out.glob("ray/joint-*/checkpoint_*")):  # the joint stage has begun
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, "no joint checkpoint within 240 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+
+    m = pipeline.run(cfg, out, log=lambda s: None)
+    assert m["baseline"]["cached"] and m["pseudo_labels"]["cached"]
+    assert m["joint"]["resumed_from_epoch"] >= 0  # continued, not started over
+    assert m["joint"]["epochs"] == cfg.train.epochs
+    assert not list(out.rglob("*.tmp")), "half-written files left behind"
+    assert json.loads((out / "metrics.json").read_text())["joint"]["test_accuracy"] >= 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_head() -> Iterator[str]:
+    """A Ray head of its own on loopback ports (beside the session's Ray); yields the Jobs
+    API address. Stopped with SIGTERM, not `ray stop`, which would stop every Ray here."""
+    ports = {k: _free_port() for k in (
+        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port",
+        "node-manager-port", "object-manager-port")}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1",
+                             *[f"--{k}={v}" for k, v in ports.items()]],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{ports['dashboard-port']}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+@pytest.mark.ray
+def test_job_submitted_to_a_local_head_succeeds(local_head: str, tmp_path: Path) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the client side of Ray's token auth
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            client = JobSubmissionClient(local_head)
+            break
+        except Exception:
+            assert time.time() < deadline, "the head's Jobs API did not come up in 60 s"
+            time.sleep(1)
+    out = tmp_path / "job-out"
+    job = client.submit_job(
+        entrypoint="python jobs/run.py --config jobs/configs/digits.yaml "
+                   "--set train.epochs=2 --set train.num_workers=1 "
+                   f"--set backend.gmm.max_iter=5 --out {out}",
+        runtime_env={"working_dir": str(ROOT)})
+    deadline = time.time() + 400
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                         JobStatus.STOPPED):
+        assert time.time() < deadline, "job did not finish in 400 s"
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "joint (labeled + pseudo)" in logs  # the summary table reached the job's log
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["dataset"] == "digits" and "test_accuracy" in m["joint"]
+    assert (out / "pseudo_labels.parquet").is_file() and (out / "model.pt").is_file()
+
+
+@pytest.mark.ray
+def test_two_nodes_share_actors_and_train_workers(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_run.py"),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["cluster_nodes"] == 2
+    assert m["pseudo_labels"]["nodes"] == 2  # one shard actor on each node
+    assert m["baseline"]["nodes"] == m["joint"]["nodes"] == 2  # one DDP rank on each node
+    assert (tmp_path / "out" / "metrics.json").is_file()

@@ -1,0 +1,248 @@
+"""Data: the deterministic split, user .npz files, input errors and sharding (no Ray)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysl.config import DataConfig
+from raysl.data import Dataset, Split, load_dataset, make_split, shard, shard_bounds
+from raysl.errors import DataError
+
+
+def _synthetic(counts: list[int], n_unlabeled: int = 0, d: int = 3, seed: int = 0) -> Dataset:
+    """Classes of the given sizes plus ``n_unlabeled`` rows with y = -1, in shuffled order.
+    Feature 0 is the row index, so every split part can be mapped back to its rows."""
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.full(n, c) for c, n in enumerate(counts)] + [np.full(n_unlabeled, -1)])
+    y = rng.permutation(y).astype(np.int64)
+    x = rng.standard_normal((len(y), d)).astype(np.float32)
+    x[:, 0] = np.arange(len(y))
+    return Dataset("synthetic", x, y, len(counts))
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x[:, 0].astype(np.int64)
+
+
+def _parts(sp: Split) -> dict[str, np.ndarray]:
+    return {"l": _rows(sp.x_l), "u": _rows(sp.x_u), "val": _rows(sp.x_val),
+            "test": _rows(sp.x_test)}
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_dataset(DataConfig())
+
+
+# -- the split -----------------------------------------------------------------------------
+
+
+def test_make_split_is_deterministic(digits: Dataset) -> None:
+    cfg = DataConfig()
+    a, b = make_split(digits, cfg), make_split(digits, cfg)
+    np.testing.assert_array_equal(a.idx_l, b.idx_l)
+    np.testing.assert_array_equal(a.idx_u, b.idx_u)
+    np.testing.assert_array_equal(a.x_val, b.x_val)
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert a.key == b.key
+
+
+def test_a_different_seed_gives_a_different_split(digits: Dataset) -> None:
+    a = make_split(digits, DataConfig(seed=0))
+    b = make_split(digits, DataConfig(seed=1))
+    assert not np.array_equal(a.idx_l, b.idx_l)
+    assert not np.array_equal(a.idx_u, b.idx_u)
+    assert a.key != b.key
+
+
+def test_split_key_ignores_n_shards_but_tracks_split_parameters(digits: Dataset) -> None:
+    base = make_split(digits, DataConfig())
+    assert make_split(digits, DataConfig(n_shards=5)).key == base.key
+    assert make_split(digits, DataConfig(labels_per_class=6)).key != base.key
+
+
+def test_digits_split_counts_per_class(digits: Dataset) -> None:
+    cfg = DataConfig(labels_per_class=4, val_per_class=3)
+    sp = make_split(digits, cfg)
+    assert sp.n_classes == 10
+    assert sp.input_shape == (1, 8, 8)
+    np.testing.assert_array_equal(np.bincount(sp.y_l, minlength=10), np.full(10, 4))
+    np.testing.assert_array_equal(np.bincount(sp.y_val, minlength=10), np.full(10, 3))
+    # rows of the split are the dataset's rows
+    np.testing.assert_array_equal(sp.x_l, digits.x[sp.idx_l])
+    np.testing.assert_array_equal(sp.y_u, digits.y[sp.idx_u])
+    assert len(np.intersect1d(sp.idx_l, sp.idx_u)) == 0
+    n_total = len(sp.y_l) + len(sp.y_u) + len(sp.y_val) + len(sp.y_test)
+    assert n_total == len(digits.y)
+
+
+def test_split_parts_are_disjoint_and_cover_every_row() -> None:
+    counts = [40, 25, 33]
+    ds = _synthetic(counts, n_unlabeled=0)
+    cfg = DataConfig(labels_per_class=3, val_per_class=2, test_fraction=0.2)
+    sp = make_split(ds, cfg)
+    parts = _parts(sp)
+    everything = np.concatenate(list(parts.values()))
+    assert len(everything) == len(ds.y)
+    np.testing.assert_array_equal(np.sort(everything), np.arange(len(ds.y)))  # disjoint, cover
+    np.testing.assert_array_equal(parts["l"], sp.idx_l)
+    np.testing.assert_array_equal(parts["u"], sp.idx_u)
+    # labels travel with their rows
+    for name, y in (("l", sp.y_l), ("u", sp.y_u), ("val", sp.y_val), ("test", sp.y_test)):
+        np.testing.assert_array_equal(y, ds.y[parts[name]])
+    # per-class counts
+    for c, n_c in enumerate(counts):
+        n_test = round(n_c * cfg.test_fraction)
+        assert (sp.y_l == c).sum() == cfg.labels_per_class
+        assert (sp.y_val == c).sum() == cfg.val_per_class
+        assert (sp.y_test == c).sum() == n_test
+        assert (sp.y_u == c).sum() == n_c - n_test - cfg.val_per_class - cfg.labels_per_class
+
+
+def test_val_per_class_zero_gives_an_empty_validation_split() -> None:
+    sp = make_split(_synthetic([20, 20]), DataConfig(labels_per_class=2, val_per_class=0))
+    assert len(sp.y_val) == 0
+    assert np.bincount(sp.y_l).tolist() == [2, 2]
+
+
+# -- user .npz files -----------------------------------------------------------------------
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> str:
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return str(path)
+
+
+def test_npz_unlabeled_rows_all_go_to_the_unlabeled_pool(tmp_path: Path) -> None:
+    ds0 = _synthetic([30, 30, 30], n_unlabeled=25, d=4, seed=3)
+    path = _write_npz(tmp_path / "mine.npz", x=ds0.x, y=ds0.y)
+    cfg = DataConfig(dataset=path, labels_per_class=2, val_per_class=2, n_shards=3)
+    ds = load_dataset(cfg)
+    assert ds.n_classes == 3
+    np.testing.assert_array_equal(ds.y, ds0.y)
+    sp = make_split(ds, cfg)
+    unlabeled_rows = np.where(ds0.y == -1)[0]
+    assert np.isin(unlabeled_rows, sp.idx_u).all()
+    assert np.all(sp.y_u[np.isin(sp.idx_u, unlabeled_rows)] == -1)
+    assert (sp.y_u == -1).sum() == len(unlabeled_rows)
+    for y in (sp.y_l, sp.y_val, sp.y_test):
+        assert (y >= 0).all()
+    np.testing.assert_array_equal(_rows(sp.x_u), sp.idx_u)
+
+
+def test_npz_uint8_images_are_scaled_and_given_a_channel(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 5, 5)).astype(np.uint8)
+    y = np.repeat(np.arange(3), 4)
+    ds = load_dataset(DataConfig(dataset=_write_npz(tmp_path / "img.npz", x=x, y=y)))
+    assert ds.x.shape == (12, 1, 5, 5)
+    assert ds.x.dtype == np.float32
+    np.testing.assert_allclose(ds.x[:, 0], x / 255.0, rtol=1e-6)
+
+
+# -- input errors --------------------------------------------------------------------------
+
+
+def test_unknown_dataset_name() -> None:
+    with pytest.raises(DataError, match=r"data\.dataset='nosuchset'") as e:
+        load_dataset(DataConfig(dataset="nosuchset"))
+    assert "digits" in str(e.value)  # lists what is allowed
+
+
+def test_missing_npz_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "missing.npz")
+    with pytest.raises(DataError, match="file not found") as e:
+        load_dataset(DataConfig(dataset=path))
+    assert path in str(e.value)
+
+
+def test_npz_without_y(tmp_path: Path) -> None:
+    path = _write_npz(tmp_path / "noy.npz", x=np.zeros((4, 2)), labels=np.zeros(4))
+    with pytest.raises(DataError, match=r"missing arrays \['y'\]") as e:
+        load_dataset(DataConfig(dataset=path))
+    assert "labels" in str(e.value)  # says what it found
+
+
+def test_npz_with_mismatched_lengths(tmp_path: Path) -> None:
+    path = _write_npz(tmp_path / "len.npz", x=np.zeros((10, 2)), y=np.zeros(9, np.int64))
+    with pytest.raises(DataError, match="x has 10 rows but y has 9"):
+        load_dataset(DataConfig(dataset=path))
+
+
+def test_npz_with_nan_features(tmp_path: Path) -> None:
+    x = np.ones((8, 3), np.float32)
+    x[5, 1] = np.nan
+    x[6, 0] = np.inf
+    path = _write_npz(tmp_path / "nan.npz", x=x, y=np.arange(8) % 2)
+    with pytest.raises(DataError, match=r"x has NaN/inf values in 2 rows \(first: \[5, 6\]\)"):
+        load_dataset(DataConfig(dataset=path))
+
+
+def test_npz_with_labels_below_minus_one(tmp_path: Path) -> None:
+    y = np.array([0, 1, -1, -2, 1, -5])
+    path = _write_npz(tmp_path / "neg.npz", x=np.zeros((6, 2)), y=y)
+    with pytest.raises(DataError, match=r"y has labels \[-5, -2\]"):
+        load_dataset(DataConfig(dataset=path))
+
+
+def test_npz_with_non_integer_float_labels(tmp_path: Path) -> None:
+    path = _write_npz(tmp_path / "frac.npz", x=np.zeros((3, 2)), y=np.array([0.0, 1.5, 1.0]))
+    with pytest.raises(DataError, match="integer labels"):
+        load_dataset(DataConfig(dataset=path))
+
+
+def test_labels_per_class_larger_than_a_class() -> None:
+    ds = _synthetic([30, 6, 30])
+    cfg = DataConfig(labels_per_class=5, val_per_class=2, test_fraction=0.2)
+    with pytest.raises(DataError, match=r"data\.labels_per_class=5: class 1 has 6 labeled rows"):
+        make_split(ds, cfg)
+    make_split(ds, DataConfig(labels_per_class=3, val_per_class=2, test_fraction=0.2))  # fits
+
+
+def test_labels_per_class_larger_than_a_digits_class(digits: Dataset) -> None:
+    with pytest.raises(DataError, match=r"data\.labels_per_class=1000"):
+        make_split(digits, DataConfig(labels_per_class=1000))
+
+
+def test_more_shards_than_unlabeled_rows() -> None:
+    ds = _synthetic([10, 10])
+    cfg = DataConfig(labels_per_class=3, val_per_class=2, test_fraction=0.2)  # 3 left per class
+    assert len(make_split(ds, cfg).y_u) == 6
+    with pytest.raises(DataError, match=r"data\.n_shards=7: more shards than unlabeled rows"):
+        make_split(ds, DataConfig(labels_per_class=3, val_per_class=2, test_fraction=0.2,
+                                  n_shards=7))
+    make_split(ds, DataConfig(labels_per_class=3, val_per_class=2, test_fraction=0.2,
+                              n_shards=6))
+
+
+# -- sharding ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "k"), [(10, 1), (10, 3), (10, 10), (1338, 4), (7, 2), (1, 1)])
+def test_shard_bounds_cover_all_rows_once_in_order(n: int, k: int) -> None:
+    bounds = shard_bounds(n, k)
+    assert len(bounds) == k
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    for (_, stop), (start, _) in itertools.pairwise(bounds):
+        assert stop == start  # contiguous, no gap or overlap
+    sizes = [b - a for a, b in bounds]
+    assert min(sizes) >= 1
+    assert max(sizes) - min(sizes) <= 1  # near-equal
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_shard_concatenates_back_to_the_input(k: int) -> None:
+    x = np.arange(17 * 2).reshape(17, 2)
+    parts = shard(x, k)
+    assert len(parts) == k
+    np.testing.assert_array_equal(np.concatenate(parts), x)
+
+
+@pytest.mark.parametrize(("n", "k"), [(5, 6), (5, 0)])
+def test_shard_bounds_rejects_bad_shard_counts(n: int, k: int) -> None:
+    with pytest.raises(DataError, match=rf"data\.n_shards={k}"):
+        shard_bounds(n, k)

@@ -1,0 +1,170 @@
+"""Pseudo-label selection and the metrics of pseudo-labels (pure numpy, no Ray)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from raysl.metrics import expected_calibration_error, pseudo_label_metrics
+from raysl.select import Selection, select
+
+N_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def proba() -> np.ndarray:
+    return np.random.default_rng(0).dirichlet(np.full(N_CLASSES, 0.5), size=500)
+
+
+def test_threshold_one_selects_nothing(proba: np.ndarray) -> None:
+    one_hot = np.eye(N_CLASSES)[[0, 1, 2]]  # confidence exactly 1.0 is not above 1.0
+    for p in (proba, one_hot):
+        sel = select(p, "threshold", threshold=1.0)
+        assert not sel.mask.any()
+        assert sel.coverage == 0.0
+
+
+def test_threshold_zero_selects_everything(proba: np.ndarray) -> None:
+    sel = select(proba, "threshold", threshold=0.0)
+    assert sel.mask.all()
+    assert sel.coverage == 1.0
+
+
+def test_threshold_is_strict() -> None:
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.95, 0.05]])
+    np.testing.assert_array_equal(select(p, threshold=0.9).mask, [False, False, True])
+
+
+def test_selection_labels_and_confidences_are_argmax_and_max(proba: np.ndarray) -> None:
+    sel = select(proba, threshold=0.7)
+    np.testing.assert_array_equal(sel.labels, proba.argmax(1))
+    np.testing.assert_array_equal(sel.conf, proba.max(1))
+    np.testing.assert_array_equal(sel.mask, proba.max(1) > 0.7)
+    assert sel.labels.dtype == np.int64
+    assert 0.0 < sel.coverage < 1.0
+
+
+def test_coverage_is_non_increasing_in_the_threshold(proba: np.ndarray) -> None:
+    thresholds = np.linspace(0.0, 1.0, 41)
+    cov = np.array([select(proba, "threshold", threshold=t).coverage for t in thresholds])
+    assert np.all(np.diff(cov) <= 0.0)
+    assert cov[0] == 1.0 and cov[-1] == 0.0
+    assert len(np.unique(cov)) > 10  # the curve actually moves through the range
+    # nested: every row kept at a high threshold is kept at a lower one
+    masks = [select(proba, threshold=t).mask for t in thresholds]
+    for lo, hi in itertools.pairwise(masks):
+        assert np.all(lo | ~hi)
+
+
+@pytest.mark.parametrize("k", [1, 37, 499, 500])
+def test_k_best_keeps_exactly_k_most_confident(proba: np.ndarray, k: int) -> None:
+    sel = select(proba, "k_best", k_best=k)
+    assert sel.mask.sum() == k
+    conf = proba.max(1)
+    if k < len(conf):
+        assert conf[sel.mask].min() >= conf[~sel.mask].max()
+
+
+def test_k_best_keeps_all_rows_when_there_are_fewer(proba: np.ndarray) -> None:
+    sel = select(proba[:20], "k_best", k_best=100)
+    assert sel.mask.all()
+    assert sel.coverage == 1.0
+
+
+def test_k_best_ties_go_to_the_lower_row_index() -> None:
+    p = np.array([[0.6, 0.4], [0.7, 0.3], [0.6, 0.4], [0.6, 0.4], [0.2, 0.8]])
+    np.testing.assert_array_equal(select(p, "k_best", k_best=3).mask,
+                                  [True, True, False, False, True])
+
+
+def test_unknown_criterion_is_rejected(proba: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"select\.criterion='best'"):
+        select(proba, "best")
+
+
+@pytest.mark.parametrize(("criterion", "kw"), [("threshold", {"threshold": 0.6}),
+                                               ("k_best", {"k_best": 123})])
+def test_per_class_counts_sum_to_the_number_kept(proba: np.ndarray, criterion: str,
+                                                 kw: dict[str, float]) -> None:
+    sel = select(proba, criterion, **kw)  # type: ignore[arg-type]
+    counts = sel.per_class(N_CLASSES)
+    assert len(counts) == N_CLASSES
+    assert sum(counts) == int(sel.mask.sum()) > 0
+    for c in range(N_CLASSES):
+        assert counts[c] == int(np.sum(sel.mask & (proba.argmax(1) == c)))
+
+
+def test_per_class_pads_classes_that_are_never_kept() -> None:
+    sel = Selection(np.array([True, True, False]), np.array([1, 1, 0]), np.ones(3))
+    assert sel.per_class(4) == [0, 2, 0, 0]
+
+
+def test_empty_pool() -> None:
+    sel = select(np.zeros((0, 3)), threshold=0.5)
+    assert sel.coverage == 0.0
+    assert sel.per_class(3) == [0, 0, 0]
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def test_pseudo_label_metrics_on_a_hand_made_example() -> None:
+    proba = np.array([
+        [0.90, 0.05, 0.05],  # label 0, kept, true 0 -> correct
+        [0.10, 0.85, 0.05],  # label 1, kept, true 2 -> wrong
+        [0.05, 0.05, 0.90],  # label 2, kept, true -1 (unknown) -> not in precision
+        [0.40, 0.35, 0.25],  # label 0, not kept, true 0 -> counts for argmax accuracy
+        [0.30, 0.45, 0.25],  # label 1, not kept, true 2 -> wrong
+        [0.02, 0.97, 0.01],  # label 1, kept, true 1 -> correct
+    ])
+    y_true = np.array([0, 2, -1, 0, 2, 1])
+    sel = select(proba, threshold=0.8)
+    np.testing.assert_array_equal(sel.mask, [True, True, True, False, False, True])
+    m = pseudo_label_metrics(sel, y_true)
+    assert m["n_selected"] == 4
+    assert m["coverage"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(2 / 3)  # kept and known: rows 0, 1, 5
+    assert m["argmax_accuracy"] == pytest.approx(3 / 5)  # known: rows 0, 1, 3, 4, 5
+
+
+def test_pseudo_label_metrics_nan_when_nothing_qualifies() -> None:
+    proba = np.array([[0.6, 0.4], [0.3, 0.7]])
+    m = pseudo_label_metrics(select(proba, threshold=1.0), np.array([0, 1]))
+    assert m["n_selected"] == 0 and m["coverage"] == 0.0
+    assert np.isnan(m["precision"])
+    assert m["argmax_accuracy"] == 1.0
+    m = pseudo_label_metrics(select(proba, threshold=0.0), np.array([-1, -1]))
+    assert np.isnan(m["precision"]) and np.isnan(m["argmax_accuracy"])
+    assert m["coverage"] == 1.0
+
+
+def test_ece_is_zero_for_confident_correct_predictions() -> None:
+    y = np.array([0, 2, 1, 1, 0])
+    assert expected_calibration_error(np.eye(3)[y], y) == 0.0
+
+
+def test_ece_is_positive_for_overconfident_wrong_predictions() -> None:
+    y = np.array([0, 2, 1, 1, 0])
+    wrong = np.full((5, 3), 0.05)
+    wrong[np.arange(5), (y + 1) % 3] = 0.9
+    assert expected_calibration_error(wrong, y) == pytest.approx(0.9)
+    # all-correct but under-confident is miscalibrated too, by 1 - confidence
+    right = np.full((5, 3), 0.2)
+    right[np.arange(5), y] = 0.6
+    assert expected_calibration_error(right, y) == pytest.approx(0.4)
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy() -> None:
+    # 10 rows at confidence 0.7 of which exactly 7 are right: one bin, |0.7 - 0.7| = 0
+    proba = np.tile([0.7, 0.3], (10, 1))
+    y = np.array([0] * 7 + [1] * 3)
+    assert expected_calibration_error(proba, y) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_ignores_unknown_labels() -> None:
+    y = np.array([0, 1, -1])
+    proba = np.eye(2)[[0, 1, 0]]
+    assert expected_calibration_error(proba, y) == 0.0
+    assert np.isnan(expected_calibration_error(proba, np.full(3, -1)))
