@@ -42,10 +42,42 @@ class GMMConfig:
 
 
 @dataclass(frozen=True)
+class VAEConfig:
+    """Semi-supervised VAE (Kingma et al. 2014, M2, optionally on M1 features), FedAvg rounds."""
+
+    rounds: int = 12  # FedAvg rounds: local training on every shard, then weight averaging
+    local_epochs: int = 2  # passes over the shard's unlabeled rows per round
+    batch_size: int = 64  # unlabeled rows per step (each step also draws a labeled batch)
+    labeled_batch_size: int = 32
+    lr: float = 1e-3  # Adam
+    alpha: float = 20.0  # weight of the labeled rows' classification term
+    latent_dim: int = 16  # z of M2
+    m1_dim: int = 32  # latent size of the M1 VAE that M2 is stacked on; 0: M2 on the inputs
+    hidden: int = 256
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """Semi-supervised GAN (Salimans et al. 2016): K+1-class discriminator, feature matching."""
+
+    rounds: int = 12
+    local_epochs: int = 2
+    batch_size: int = 64  # unlabeled (and generated) rows per step
+    labeled_batch_size: int = 32
+    lr: float = 1e-3  # Adam, both networks
+    noise_dim: int = 64  # generator input
+    hidden: int = 256
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     name: str = "gmm"  # a key of raysl.backends.BACKENDS
     actor_cpus: float = 0.5  # fractional, so actors fit beside each other on small machines
+    # temperature-scale the probabilities on the validation split (argmax labels unchanged)
+    calibrate: bool = False
     gmm: GMMConfig = field(default_factory=GMMConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
 
 
 @dataclass(frozen=True)
@@ -69,6 +101,14 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     seed: int = 0
+    # Online pseudo-labels (FixMatch). Off: training is exactly the offline-only loop above.
+    fixmatch: bool = False  # strong-view CE on weak-view pseudo-labels; weak aug on labeled
+    fixmatch_threshold: float = 0.95  # keep a weak-view label when its confidence >= this
+    threshold_mode: str = "fixed"  # fixed | flexmatch (per-class) | freematch (self-adaptive)
+    dist_align: bool = False  # align weak-view probabilities to a uniform class prior
+    ema: float = 0.0  # EMA teacher decay (e.g. 0.999): evaluates, labels, is the result; 0 off
+    offline: str = "targets"  # backend pseudo-labels with fixmatch: targets (extra weighted
+    # CE rows, as without fixmatch) or none (ignored)
 
 
 @dataclass(frozen=True)
@@ -104,6 +144,22 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "backend.gmm.reg_covar": (1e-9, None),
     "backend.gmm.max_iter": (1, None),
     "backend.gmm.tol": (0.0, None),
+    "backend.vae.rounds": (1, None),
+    "backend.vae.local_epochs": (1, None),
+    "backend.vae.batch_size": (1, None),
+    "backend.vae.labeled_batch_size": (1, None),
+    "backend.vae.lr": (1e-9, None),
+    "backend.vae.alpha": (0.0, None),
+    "backend.vae.latent_dim": (1, None),
+    "backend.vae.m1_dim": (0, None),
+    "backend.vae.hidden": (1, None),
+    "backend.gan.rounds": (1, None),
+    "backend.gan.local_epochs": (1, None),
+    "backend.gan.batch_size": (1, None),
+    "backend.gan.labeled_batch_size": (1, None),
+    "backend.gan.lr": (1e-9, None),
+    "backend.gan.noise_dim": (1, None),
+    "backend.gan.hidden": (1, None),
     "select.criterion": ("threshold", "k_best"),
     "select.threshold": (0.0, 1.0),
     "select.k_best": (1, None),
@@ -117,6 +173,10 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "train.hidden": (1, None),
     "train.num_workers": (0, None),
     "train.cpus_per_worker": (0.01, None),
+    "train.fixmatch_threshold": (0.0, 1.0),
+    "train.threshold_mode": ("fixed", "flexmatch", "freematch"),
+    "train.ema": (0.0, 0.99999),
+    "train.offline": ("targets", "none"),
     "ray.num_cpus": (0, None),
 }
 

@@ -97,8 +97,13 @@ def load_model(path: str | Path) -> torch.nn.Module:
 
 
 def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainData,
-                key: str, log: Log) -> dict[str, Any]:
-    """Train (or load the cached result of) one classifier; returns its result record."""
+                key: str, log: Log, *, callbacks: list[Any] | None = None,
+                run_name: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Train (or load the cached result of) one classifier; returns its result record.
+
+    ``callbacks`` go to the Ray Train run (e.g. Tune's TuneReportCallback), ``run_name``
+    replaces its default name ``{stage}-{key}`` (a Tune trial passes a name of its own, stable
+    across restores), ``verbose`` prints one line per epoch."""
     from raysl.distributed.trainer import train_classifier
 
     d = out / stage
@@ -112,7 +117,8 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     log(f"[{stage}] training: {len(data.y_l)} labeled + {len(data.y_p)} pseudo-labeled rows, "
         f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)")
     outcome = train_classifier(data, cfg.train, split.input_shape, split.n_classes,
-                               cfg.ray.storage_path or out / "ray", f"{stage}-{key}")
+                               cfg.ray.storage_path or out / "ray", run_name or f"{stage}-{key}",
+                               verbose=verbose, callbacks=callbacks)
     model = build_model(split.input_shape, split.n_classes, cfg.train.hidden)
     model.load_state_dict(state_from_numpy(outcome.state))
     _save_model(d / "model.pt", outcome.state, split, cfg)
@@ -136,13 +142,15 @@ def _empty_pseudo(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.zeros(0, np.float32))
 
 
-def baseline(split: Split, cfg: Config, out: Path, log: Log) -> dict[str, Any]:
-    """Stage 1: the supervised-only classifier (same network and budget as the joint one)."""
+def baseline(split: Split, cfg: Config, out: Path, log: Log,
+             **train_kwargs: Any) -> dict[str, Any]:
+    """Stage 1: the supervised-only classifier (same network and budget as the joint one).
+    ``train_kwargs``: ``callbacks``, ``run_name``, ``verbose`` of :func:`train_stage`."""
     tcfg = replace(cfg.train, lambda_u=0.0)
     data = TrainData(split.x_l, split.y_l, *_empty_pseudo(split), split.x_val, split.y_val,
                      len(split.x_u))
     return train_stage("baseline", split, replace(cfg, train=tcfg), out, data,
-                       _key("baseline", split.key, asdict(tcfg)), log)
+                       _key("baseline", split.key, asdict(tcfg)), log, **train_kwargs)
 
 
 # -- stage 2: backends ----------------------------------------------------------------------
@@ -224,8 +232,10 @@ def read_pseudo_labels(path: Path, split: Split) -> tuple[Selection, str]:
     return sel, str(t.column("backend")[0]) if len(t) else ""
 
 
-def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log) -> dict[str, Any]:
-    """Stage 4: labeled CE + lambda_u × confidence-weighted CE on the kept pseudo-labels."""
+def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
+          **train_kwargs: Any) -> dict[str, Any]:
+    """Stage 4: labeled CE + lambda_u × confidence-weighted CE on the kept pseudo-labels.
+    ``train_kwargs``: ``callbacks``, ``run_name``, ``verbose`` of :func:`train_stage`."""
     m = sel.mask
     # Keyed by the selection's content, so `raysl train` after `raysl pseudo-label` finds the
     # same cached result as `raysl run`.
@@ -233,7 +243,7 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log) -> dic
     data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u))
     return train_stage("joint", split, cfg, out, data,
-                       _key("joint", split.key, asdict(cfg.train), sel_key), log)
+                       _key("joint", split.key, asdict(cfg.train), sel_key), log, **train_kwargs)
 
 
 # -- the whole thing ------------------------------------------------------------------------

@@ -7,6 +7,13 @@ call it directly. Batches are drawn from per-(seed, epoch, rank) generators, so
 - the labeled stream does not depend on the pseudo-labeled one, so ``lambda_u = 0`` (or no
   kept pseudo-label) is exactly supervised training with the same budget;
 - pseudo-labeled rows are split across ranks like a DistributedSampler would.
+
+With ``cfg.fixmatch`` the step also draws ``mu × batch_size`` rows of the unlabeled pool
+``x_u``, labels their weak view online (the EMA teacher's prediction when there is one, else
+the student's), keeps the confident ones (fixed, FlexMatch or FreeMatch thresholds, after
+optional distribution alignment) and adds the strong view's CE on them. Labeled rows then get
+the weak augmentation too. With every new switch off, nothing changes: no extra random draw,
+no extra forward pass.
 """
 
 from __future__ import annotations
@@ -18,10 +25,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from raysl import augment
 from raysl.config import TrainConfig
-from raysl.losses import joint_loss
+from raysl.losses import (
+    align_distribution,
+    ema,
+    fixmatch_loss,
+    flexmatch_thresholds,
+    freematch_thresholds,
+    freematch_update,
+    joint_loss,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +54,11 @@ class TrainData:
     x_val: np.ndarray
     y_val: np.ndarray
     n_u: int
+    # the unlabeled pool, for online pseudo-labels (cfg.fixmatch); None: offline only
+    x_u: np.ndarray | None = None  # (n_u, ...)
+    # true labels of x_u where known, else -1: only to measure the online pseudo-labels'
+    # accuracy; never used for training
+    y_u: np.ndarray | None = None  # (n_u,)
 
 
 def steps_per_epoch(n_u: int, cfg: TrainConfig, world_size: int) -> int:
@@ -60,18 +81,81 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+def init_ssl_state(n_u: int, n_classes: int) -> dict[str, Tensor]:
+    """The running statistics of online pseudo-labelling, saved with a checkpoint:
+    ``p_model`` (C,) mean weak-view prediction (distribution alignment), ``tau`` () and
+    ``p_local`` (C,) FreeMatch's global/local estimates, ``label_hist`` (n_u,) FlexMatch's last
+    confident label per unlabeled row (-1: none yet). All start uninformed (1/C, -1)."""
+    flat = torch.full((n_classes,), 1.0 / n_classes)
+    return {"p_model": flat.clone(), "tau": torch.tensor(1.0 / n_classes),
+            "p_local": flat.clone(), "label_hist": torch.full((n_u,), -1, dtype=torch.long)}
+
+
+def ema_decay(cfg: TrainConfig, step: int) -> float:
+    """EMA decay at a global step, warmed up as ``(1 + t) / (10 + t)`` so the teacher is not
+    dominated by its random initial weights (a pure function of the step: resumable)."""
+    return min(cfg.ema, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay × teacher + (1 - decay) × student, parameter by parameter; buffers
+    are copied (the models have none today)."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t_params, decay)
+    torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1 - decay)
+    for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
+        tb.copy_(sb)
+
+
+def _gather(t: Tensor, world_size: int) -> Tensor:
+    """Rows of ``t`` from every DDP rank (same shape on each), so that the running
+    statistics of pseudo-labelling stay identical across ranks; ``t`` alone without DDP."""
+    dist = torch.distributed
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return t
+    out = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def _thresholds(cfg: TrainConfig, state: dict[str, Tensor], probs: Tensor,
+                idx: Tensor) -> float | Tensor:
+    """Threshold(s) for weak-view ``probs`` (n, C) of all ranks' unlabeled rows ``idx`` (n,);
+    updates the adaptive state in place."""
+    if cfg.threshold_mode == "fixed":
+        return cfg.fixmatch_threshold
+    if cfg.threshold_mode == "freematch":
+        state["tau"], state["p_local"] = freematch_update(state["tau"], state["p_local"], probs)
+        return freematch_thresholds(state["tau"], state["p_local"])
+    # flexmatch: thresholds from the history so far, then record this batch's confident rows
+    tau = flexmatch_thresholds(state["label_hist"], probs.shape[1], cfg.fixmatch_threshold)
+    conf, label = probs.max(dim=1)
+    keep = conf > cfg.fixmatch_threshold
+    state["label_hist"][idx[keep]] = label[keep]
+    return tau
+
+
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
               epoch: int, rank: int = 0, world_size: int = 1,
               device: torch.device | str = "cpu",
-              on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Train one epoch on this rank's share of the batches; returns mean losses.
+              on_step: Callable[[int, int], None] | None = None,
+              teacher: nn.Module | None = None,
+              ssl_state: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """Train one epoch on this rank's share of the batches; returns mean losses (and, with
+    ``cfg.fixmatch``, the online pseudo-labels' mask rate and accuracy).
 
-    ``on_step(step, steps)`` is called after every optimizer step (progress, fault tests)."""
+    ``on_step(step, steps)`` is called after every optimizer step (progress, fault tests).
+    ``teacher``: the EMA copy of the (unwrapped) model, updated after every step when
+    ``cfg.ema > 0``; with ``cfg.fixmatch`` it labels the weak views. ``ssl_state`` (see
+    :func:`init_ssl_state`; created on first use if empty) carries the adaptive thresholds and
+    distribution alignment across epochs: keep it and checkpoint it with the model."""
     steps = steps_per_epoch(data.n_u, cfg, world_size)
     total = steps * cfg.epochs
     torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)  # dropout, per epoch & rank
     idx_l = _rng(cfg.seed, epoch, rank, 0).integers(0, len(data.y_l), (steps, cfg.batch_size))
-    use_p = cfg.lambda_u > 0 and len(data.y_p) > 0
+    use_p = (cfg.lambda_u > 0 and len(data.y_p) > 0
+             and not (cfg.fixmatch and cfg.offline == "none"))
     if use_p:
         # The same permutation on every rank, then a rank-strided share (DistributedSampler).
         perm = _rng(cfg.seed, epoch, 1).permutation(len(data.y_p))[rank::world_size]
@@ -79,30 +163,94 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
             perm = _rng(cfg.seed, epoch, rank, 2).integers(0, len(data.y_p), 1)
         need = steps * cfg.mu * cfg.batch_size
         idx_p = np.resize(perm, need).reshape(steps, -1)  # cycles when there are few rows
+    use_u = cfg.fixmatch and cfg.lambda_u > 0 and data.x_u is not None and len(data.x_u) > 0
+    if cfg.fixmatch:
+        # Augmentations from their own generator: a redone epoch sees the same views.
+        gen = torch.Generator().manual_seed(int(_rng(cfg.seed, epoch, rank, 4).integers(2**62)))
+    if use_u:
+        assert data.x_u is not None
+        perm_u = _rng(cfg.seed, epoch, 3).permutation(len(data.x_u))[rank::world_size]
+        if len(perm_u) == 0:
+            perm_u = _rng(cfg.seed, epoch, rank, 5).integers(0, len(data.x_u), 1)
+        idx_u = np.resize(perm_u, steps * cfg.mu * cfg.batch_size).reshape(steps, -1)
+        state = ssl_state if ssl_state is not None else {}
+        y_u = torch.from_numpy(data.y_u) if data.y_u is not None else None
+        # kept, correct among kept, known among kept, correct, known (pseudo-label accuracy)
+        counts = np.zeros(6)
     model.train()
-    sums = np.zeros(3)
+    if teacher is not None:
+        teacher.eval()  # no dropout in the labeller
+    sums = np.zeros(4)
     for s in range(steps):
         for g in opt.param_groups:
             g["lr"] = learning_rate(cfg, epoch * steps + s, total)
         xl = torch.from_numpy(data.x_l[idx_l[s]]).to(device)
         yl = torch.from_numpy(data.y_l[idx_l[s]]).to(device)
+        if cfg.fixmatch:
+            xl = augment.weak(xl.cpu(), gen).to(device)
+        parts = [xl]
         if use_p:
-            xp = torch.from_numpy(data.x_p[idx_p[s]]).to(device)
-            logits = model(torch.cat([xl, xp]))
+            parts.append(torch.from_numpy(data.x_p[idx_p[s]]).to(device))
+        if use_u:
+            assert data.x_u is not None
+            xu = torch.from_numpy(data.x_u[idx_u[s]])
+            xw = augment.weak(xu, gen).to(device)
+            xs = augment.strong(xu, gen).to(device)
+            parts += [xs] if teacher is not None else [xw, xs]
+        logits = model(torch.cat(parts)) if len(parts) > 1 else model(xl)
+        nl, nu = len(xl), cfg.mu * cfg.batch_size
+        if use_p:
             loss, sup, unsup = joint_loss(
-                logits[: len(xl)], yl, logits[len(xl):],
+                logits[:nl], yl, logits[nl:nl + nu],
                 torch.from_numpy(data.y_p[idx_p[s]]).to(device),
                 torch.from_numpy(data.w_p[idx_p[s]]).to(device), cfg.lambda_u)
         else:
-            loss, sup, unsup = joint_loss(model(xl), yl)
+            loss, sup, unsup = joint_loss(logits[:nl], yl)
+        fm = torch.zeros(())
+        if use_u:
+            logits_s = logits[-nu:]
+            with torch.no_grad():
+                logits_w = teacher(xw) if teacher is not None else logits[-2 * nu:-nu]
+                probs = torch.softmax(logits_w.detach().float(), dim=1)  # (nu, C)
+                if not state:
+                    state.update(init_ssl_state(len(data.x_u), probs.shape[1]))
+                iu = torch.from_numpy(idx_u[s])
+                all_probs, all_idx = _gather(probs.cpu(), world_size), _gather(iu, world_size)
+                if cfg.dist_align:
+                    state["p_model"] = ema(state["p_model"], all_probs.mean(0), 0.999)
+                    probs = align_distribution(probs, state["p_model"].to(probs.device))
+                    all_probs = align_distribution(all_probs, state["p_model"])
+                tau = _thresholds(cfg, state, all_probs, all_idx)
+                if isinstance(tau, Tensor):
+                    tau = tau.to(probs.device)
+            fm, mask, pseudo = fixmatch_loss(logits_s, probs, tau)
+            loss = loss + cfg.lambda_u * fm
+            if y_u is not None:
+                truth = y_u[iu]
+                known = (truth >= 0).float()
+                right = (pseudo.cpu() == truth).float() * known
+                kept = mask.cpu()
+                counts += [kept.sum().item(), (right * kept).sum().item(),
+                           (known * kept).sum().item(), right.sum().item(), known.sum().item(),
+                           len(truth)]
+            else:
+                counts += [mask.sum().item(), 0, 0, 0, 0, len(mask)]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sums += [loss.item(), sup.item(), unsup.item()]
+        if teacher is not None and cfg.ema > 0:
+            ema_update(teacher, unwrap(model), ema_decay(cfg, epoch * steps + s))
+        sums += [loss.item(), sup.item(), unsup.item(), fm.item()]
         if on_step is not None:
             on_step(s, steps)
     mean = (sums / steps).tolist()  # plain floats: checkpoints load with weights_only=True
-    return {"loss": mean[0], "loss_sup": mean[1], "loss_unsup": mean[2], "steps": steps}
+    row = {"loss": mean[0], "loss_sup": mean[1], "loss_unsup": mean[2], "steps": steps}
+    if use_u:
+        kept, right_kept, known_kept, right, known, n = counts.tolist()
+        row.update(loss_fixmatch=mean[3], mask_rate=kept / max(n, 1),
+                   pl_precision=right_kept / known_kept if known_kept else float("nan"),
+                   pl_accuracy=right / known if known else float("nan"))
+    return row
 
 
 @torch.no_grad()

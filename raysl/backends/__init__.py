@@ -4,8 +4,10 @@ explicit registry: a new backend is a class and one line here."""
 from __future__ import annotations
 
 from raysl.backends.base import Backend, BackendFactory, FitContext
+from raysl.backends.gan import make_gan
 from raysl.backends.gmm import GMMBackend
 from raysl.backends.self_training import SelfTrainingBackend
+from raysl.backends.vae import make_vae
 from raysl.config import BackendConfig
 
 
@@ -17,9 +19,19 @@ def _self(cfg: BackendConfig, ctx: FitContext) -> Backend:
     return SelfTrainingBackend(ctx)
 
 
+def _vae(cfg: BackendConfig, ctx: FitContext) -> Backend:
+    return make_vae(cfg.vae, ctx)
+
+
+def _gan(cfg: BackendConfig, ctx: FitContext) -> Backend:
+    return make_gan(cfg.gan, ctx)
+
+
 BACKENDS: dict[str, BackendFactory] = {
     "gmm": _gmm,
     "self": _self,
+    "vae": _vae,
+    "gan": _gan,
 }
 
 

@@ -1,0 +1,142 @@
+"""Weak and strong augmentations of image batches (FixMatch), on batched tensors.
+
+Both work on a whole batch ``x`` (n, c, h, w) in [0, 1] at once, with a different random
+draw for every row, from an explicit ``torch.Generator`` (so a redone epoch sees the same
+augmentations). torchvision's ``transforms.v2`` classes draw *one* parameter set per call, so
+``v2.RandomRotation(30)(batch)`` rotates every row by the same angle (checked with torchvision
+0.29); per-row randomness therefore comes from batched torch ops (one ``affine_grid`` /
+``grid_sample`` for all geometric ops), and ``transforms.v2.functional`` supplies the
+parameter-free per-image ops (autocontrast, equalize, the blurred image behind sharpness),
+which do work per image on a batch.
+
+- weak: a random translation by up to 12.5% of the side (no flips: digits are not symmetric);
+- strong: RandAugment with random magnitudes (FixMatch's RA variant): 2 ops per row out of
+  :data:`STRONG_OPS`, then cutout of a square of up to half the side.
+
+Vectors (n, d) have no natural augmentation here: both functions return them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+# Geometric ops compose into one affine matrix per row; the others blend per row.
+STRONG_OPS = ("identity", "autocontrast", "brightness", "contrast", "equalize", "posterize",
+              "rotate", "sharpness", "shear_x", "shear_y", "solarize", "translate_x",
+              "translate_y")
+_GEOMETRIC = {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def translate(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
+    """Shift row i of ``x`` (n, c, h, w) by integer ``(dx[i], dy[i])`` pixels, zero fill."""
+    n, c, h, w = x.shape
+    p = int(max(dx.abs().max().item(), dy.abs().max().item(), 0))
+    if p == 0:
+        return x
+    xp = torch.nn.functional.pad(x, (p, p, p, p))  # (n, c, h + 2p, w + 2p)
+    rows = (p - dy)[:, None] + torch.arange(h)  # (n, h): source row of each output row
+    cols = (p - dx)[:, None] + torch.arange(w)  # (n, w)
+    return xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def weak(x: Tensor, gen: torch.Generator, max_shift: float = 0.125) -> Tensor:
+    """Random integer translation of every row by up to ``max_shift`` × side (at least 1 px)."""
+    if x.dim() != 4:
+        return x
+    n, _, h, w = x.shape
+    s = max(1, int(max_shift * min(h, w)))
+    d = torch.randint(-s, s + 1, (2, n), generator=gen)
+    return translate(x, d[0], d[1])
+
+
+def cutout(x: Tensor, gen: torch.Generator, max_frac: float = 0.5, fill: float = 0.5) -> Tensor:
+    """Fill a random square of side up to ``max_frac`` × side in every row with ``fill``."""
+    n, _, h, w = x.shape
+    size = (torch.rand(n, generator=gen) * max_frac * min(h, w)).long() + 1  # (n,)
+    cy = torch.randint(0, h, (n,), generator=gen)
+    cx = torch.randint(0, w, (n,), generator=gen)
+    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    in_y = (ys >= (cy - size // 2)[:, None]) & (ys < (cy - size // 2 + size)[:, None])  # (n, h)
+    in_x = (xs >= (cx - size // 2)[:, None]) & (xs < (cx - size // 2 + size)[:, None])  # (n, w)
+    box = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, h, w)
+    return torch.where(box, torch.full_like(x, fill), x)
+
+
+def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+    """``b + factor × (a - b)`` per row (PIL's ImageEnhance), clamped to [0, 1]."""
+    return (b + factor.view(-1, 1, 1, 1) * (a - b)).clamp(0, 1)
+
+
+def _affine(x: Tensor, ops: list[tuple[Tensor, str, Tensor]]) -> Tensor:
+    """Apply the geometric ops (row mask, name, magnitude in [0, 1]) in one grid_sample."""
+    n = x.shape[0]
+    theta = torch.eye(3).repeat(n, 1, 1)  # (n, 3, 3) in normalized coordinates
+    for sel, name, mag in ops:
+        m = torch.eye(3).repeat(n, 1, 1)
+        if name == "rotate":
+            a = mag * math.radians(30)
+            m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+        elif name == "shear_x":
+            m[:, 0, 1] = 0.3 * mag
+        elif name == "shear_y":
+            m[:, 1, 0] = 0.3 * mag
+        elif name == "translate_x":
+            m[:, 0, 2] = 2 * 0.3 * mag  # 30% of the side; normalized coordinates span 2
+        elif name == "translate_y":
+            m[:, 1, 2] = 2 * 0.3 * mag
+        theta = torch.where(sel.view(-1, 1, 1), m @ theta, theta)
+    grid = torch.nn.functional.affine_grid(theta[:, :2], list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def strong(x: Tensor, gen: torch.Generator, n_ops: int = 2, cut: float = 0.5) -> Tensor:
+    """RandAugment (``n_ops`` random ops per row, random magnitudes) then cutout.
+
+    ``x`` (n, c, h, w) in [0, 1] -> the same shape. Magnitudes are drawn per row and op;
+    signed ops (rotate, shear, translate) get a random sign."""
+    if x.dim() != 4:
+        return x
+    n = x.shape[0]
+    pick = torch.randint(0, len(STRONG_OPS), (n_ops, n), generator=gen)  # op of each slot/row
+    mags = torch.rand(n_ops, n, generator=gen)  # magnitude in [0, 1]
+    signs = torch.where(torch.rand(n_ops, n, generator=gen) < 0.5, -1.0, 1.0)
+    geo: list[tuple[Tensor, str, Tensor]] = []
+    for k in range(n_ops):
+        for i, name in enumerate(STRONG_OPS):
+            sel = pick[k] == i  # (n,) rows that apply this op in slot k
+            if not bool(sel.any()) or name == "identity":
+                continue
+            mag = mags[k]
+            if name in _GEOMETRIC:
+                geo.append((sel, name, mag * signs[k]))
+                continue
+            if name == "autocontrast":
+                y = TF.autocontrast(x)
+            elif name == "equalize":
+                y = TF.equalize(x)
+            elif name == "brightness":  # enhance factors in [0.55, 1.45], around 1
+                y = _blend(x, torch.zeros_like(x), 0.05 + 0.9 * mag + 0.5)
+            elif name == "contrast":
+                mean = x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x)
+                y = _blend(x, mean, 0.05 + 0.9 * mag + 0.5)
+            elif name == "sharpness":
+                y = _blend(x, TF.adjust_sharpness(x, 0.0), 0.05 + 0.9 * mag + 0.5)
+            elif name == "posterize":  # keep 4..8 bits
+                bits = (4 + (4 * mag).floor()).view(-1, 1, 1, 1)
+                q = 2.0 ** bits
+                y = torch.floor(x * (q - 1) + 0.5) / (q - 1)
+            else:  # solarize: invert pixels above a threshold in [0, 1]
+                y = torch.where(x >= mag.view(-1, 1, 1, 1), 1.0 - x, x)
+            x = torch.where(sel.view(-1, 1, 1, 1), y, x)
+    if geo:
+        x = _affine(x, geo)
+    return cutout(x, gen, cut) if cut > 0 else x

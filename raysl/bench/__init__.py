@@ -1,0 +1,1 @@
+"""Benchmarks: ``raysl bench NAME`` runs ``raysl.bench.NAME.main(argv)``."""

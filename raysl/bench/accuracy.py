@@ -1,0 +1,306 @@
+"""``raysl bench accuracy``: test accuracy of every method on the same splits, mean ± std.
+
+For each dataset, labels-per-class count and seed (one :func:`raysl.data.make_split` per
+triple, so every method sees the same labeled, unlabeled and test rows) it trains or fits:
+
+- ``supervised``: the labeled rows only (same network, budget and weak augmentation as
+  FixMatch: ``train.lambda_u = 0``);
+- ``label_spreading`` / ``self_training``: scikit-learn's LabelSpreading (kNN kernel) and
+  SelfTrainingClassifier (SVC) on the flattened pixels;
+- ``<backend>``: raysl's offline pipeline (backend pseudo-labels, ``select.threshold``,
+  joint training), for each backend in ``--backends``;
+- ``fixmatch``: raysl's online pseudo-labels (``train.fixmatch``, EMA teacher);
+- ``fixmatch+<backend>``: FixMatch plus the backend's kept pseudo-labels as extra targets;
+- ``oracle``: every training row labeled (labeled + unlabeled pool), same budget.
+
+The many runs call the training loop directly in this process (plain PyTorch,
+``torch.set_num_threads(--threads)``), not through Ray Train: Ray Train's worker runs the same
+:func:`raysl.train.run_epoch` (``raysl bench accuracy --ray-overhead`` measures what Ray
+adds). Results are appended to ``OUT/runs.jsonl`` as they finish, so running the same command
+again skips finished runs; then ``OUT/table.md`` and ``OUT/accuracy_vs_labels.png`` are
+written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
+from raysl.data import Split, load_dataset, make_split
+from raysl.models import build_model
+from raysl.train import TrainData, accuracy, make_optimizer, run_epoch, state_to_numpy
+
+# The training budget of each dataset (the same for every neural method on it). mnist5k:
+# 41 steps per epoch at mu=3, batch 32; the full table has to fit in an hour on 2 cores.
+BUDGETS: dict[str, dict[str, Any]] = {
+    "digits": {"train.epochs": 60, "train.ema": 0.99, "train.fixmatch_threshold": 0.95},
+    "mnist5k": {"train.epochs": 30, "train.ema": 0.99, "train.fixmatch_threshold": 0.95},
+}
+QUICK_EPOCHS = {"digits": 30, "mnist5k": 10}
+DEFAULT_METHODS = ("supervised", "label_spreading", "self_training", "backends", "fixmatch",
+                   "oracle")
+
+Log = Callable[[str], None]
+
+
+def train_torch(split: Split, cfg: TrainConfig, x_l: np.ndarray | None = None,
+                y_l: np.ndarray | None = None,
+                pseudo: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                log: Log | None = None) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train the classifier in this process (the loop Ray Train runs on each worker).
+
+    ``x_l, y_l`` replace the split's labeled rows (oracle); ``pseudo = (x_p, y_p, w_p)`` are
+    offline pseudo-labels. Returns the evaluation model (the EMA teacher when ``cfg.ema``)."""
+    x_l = split.x_l if x_l is None else x_l
+    y_l = split.y_l if y_l is None else y_l
+    if pseudo is None:
+        pseudo = (split.x_u[:0], split.y_u[:0], np.zeros(0, np.float32))
+    data = TrainData(x_l, y_l, *pseudo, split.x_val, split.y_val, len(split.x_u),
+                     x_u=split.x_u, y_u=split.y_u)
+    torch.manual_seed(cfg.seed)
+    model = build_model(split.input_shape, split.n_classes, cfg.hidden)
+    teacher = copy.deepcopy(model) if cfg.ema > 0 else None
+    opt = make_optimizer(model, cfg)
+    state: dict[str, torch.Tensor] = {}
+    history = []
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        row = run_epoch(model, opt, data, cfg, epoch, teacher=teacher, ssl_state=state)
+        row["epoch_seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if log is not None and (epoch + 1) % max(1, cfg.epochs // 5) == 0:
+            extra = (f" mask={row['mask_rate']:.2f} pl_prec={row['pl_precision']:.3f}"
+                     if "mask_rate" in row else "")
+            log(f"    epoch {epoch + 1}/{cfg.epochs} loss={row['loss']:.3f}{extra} "
+                f"val={accuracy(teacher or model, split.x_val, split.y_val):.3f} "
+                f"({row['epoch_seconds']:.1f}s)")
+    return (teacher if teacher is not None else model), history
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), -1)
+
+
+def sklearn_method(name: str, split: Split) -> float:
+    """Test accuracy of scikit-learn's LabelSpreading or SelfTrainingClassifier on the same
+    split (labeled + unlabeled rows; unlabeled targets are -1)."""
+    from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
+    from sklearn.svm import SVC
+
+    x = _flat(np.concatenate([split.x_l, split.x_u]))
+    y = np.concatenate([split.y_l, np.full(len(split.x_u), -1)])
+    if name == "label_spreading":
+        clf: Any = LabelSpreading(kernel="knn", n_neighbors=7, alpha=0.2, max_iter=100)
+    else:
+        clf = SelfTrainingClassifier(SVC(probability=True, gamma="scale", random_state=0),
+                                     threshold=0.75)
+    clf.fit(x, y)
+    return float((clf.predict(_flat(split.x_test)) == split.y_test).mean())
+
+
+def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
+                    sup_state: dict[str, Any], log: Log
+                    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]:
+    """Fit a backend (locally, cached under ``out``), select its confident rows."""
+    from raysl.pipeline import pseudo_label
+    from raysl.select import select
+
+    cfg = replace(cfg, backend=replace(cfg.backend, name=backend))
+    pl = pseudo_label(split, cfg, out, sup_state, lambda m: log("    " + m), use_ray=False)
+    sel = select(pl["proba"], cfg.select.criterion, cfg.select.threshold, cfg.select.k_best)
+    m = sel.mask
+    info = {"coverage": float(m.mean()),
+            "precision": float((sel.labels[m] == split.y_u[m]).mean()) if m.any() else 0.0}
+    return (split.x_u[m], sel.labels[m], sel.conf[m].astype(np.float32)), info
+
+
+def run_one(method: str, split: Split, cfg: Config, out: Path, log: Log,
+            cache: dict[str, Any]) -> dict[str, Any]:
+    """One method on one split; returns a result row (test accuracy, seconds, extras)."""
+    t0 = time.perf_counter()
+    tcfg = cfg.train
+    extra: dict[str, Any] = {}
+    if method in ("label_spreading", "self_training"):
+        acc = sklearn_method(method, split)
+    else:
+        if method == "supervised" or "sup_state" not in cache:
+            sup, _ = train_torch(split, replace(tcfg, lambda_u=0.0), log=log)
+            cache["sup_state"] = state_to_numpy(sup.state_dict())
+            cache["sup_acc"] = accuracy(sup, split.x_test, split.y_test)
+        if method == "supervised":
+            acc = cache["sup_acc"]
+        elif method == "oracle":
+            model, _ = train_torch(split, replace(tcfg, lambda_u=0.0),
+                                   np.concatenate([split.x_l, split.x_u]),
+                                   np.concatenate([split.y_l, split.y_u]), log=log)
+            acc = accuracy(model, split.x_test, split.y_test)
+        else:
+            online = method.startswith("fixmatch")
+            backend = method.partition("+")[2] if online else method
+            pseudo = None
+            if backend:
+                pseudo, info = _backend_pseudo(split, cfg, backend, out / "cache",
+                                               cache["sup_state"], log)
+                extra.update({f"pl_{k}": v for k, v in info.items()})
+            t1 = replace(tcfg, fixmatch=online, offline="targets" if backend else "none")
+            if not online:  # the offline pipeline as `raysl run` trains it
+                t1 = replace(t1, ema=0.0)
+            model, hist = train_torch(split, t1, pseudo=pseudo, log=log)
+            acc = accuracy(model, split.x_test, split.y_test)
+            if online:
+                extra.update(mask_rate=hist[-1]["mask_rate"],
+                             online_pl_precision=hist[-1]["pl_precision"])
+    return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, **extra}
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def _stats(rows: list[dict[str, Any]]) -> tuple[float, float, int]:
+    a = np.array([r["test_accuracy"] for r in rows])
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per (dataset, labels per class), one column per method."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    keys = sorted({(r["dataset"], r["labels_per_class"]) for r in rows})
+    lines = ["| dataset | labels | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for ds, lpc in keys:
+        cells = []
+        for m in methods:
+            sel = [r for r in rows if (r["dataset"], r["labels_per_class"], r["method"])
+                   == (ds, lpc, m)]
+            if not sel:
+                cells.append("")
+                continue
+            mean, std, n = _stats(sel)
+            cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" + ("" if n == 3 else f" (n={n})"))
+        lines.append(f"| {ds} | {lpc * 10} ({lpc}/class) | " + " | ".join(cells) + " |")
+    secs = {m: np.mean([r["seconds"] for r in rows if r["method"] == m]) for m in methods}
+    lines += ["", "Mean seconds per run: " + ", ".join(f"{m} {s:.0f}" for m, s in secs.items())]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy vs labels per class, one panel per dataset, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, ds in zip(axes[0], datasets, strict=True):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted({r["labels_per_class"] for r in rows
+                          if r["dataset"] == ds and r["method"] == m})
+            if not pts:
+                continue
+            st = [_stats([r for r in rows if (r["dataset"], r["labels_per_class"],
+                                              r["method"]) == (ds, p, m)]) for p in pts]
+            mean = np.array([s[0] for s in st]) * 100
+            std = np.array([s[1] for s in st]) * 100
+            ax.errorbar(pts, mean, yerr=std, marker="o", capsize=3, label=m)
+        ax.set(xscale="log", xlabel="labels per class", ylabel="test accuracy (%)", title=ds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def _methods(names: list[str], backends: list[str]) -> list[str]:
+    out: list[str] = []
+    for m in names:
+        if m == "backends":
+            out += backends
+        elif m == "fixmatch+backends":
+            out += [f"fixmatch+{b}" for b in backends]
+        else:
+            out.append(m)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="raysl bench accuracy", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="digits + mnist5k at 10 labels/class, 1 seed, shorter training")
+    ap.add_argument("--out", default="runs/bench-accuracy")
+    ap.add_argument("--datasets", default="digits,mnist5k")
+    ap.add_argument("--labels", default="1,2,5,10", help="labels per class, comma-separated")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="comma-separated; 'backends' expands to --backends, "
+                    "'fixmatch+backends' to fixmatch+<each backend>")
+    ap.add_argument("--backends", default="gmm,self")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied after the dataset budget (repeatable)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = args.datasets.split(",")
+    labels = [int(v) for v in args.labels.split(",")]
+    seeds = args.seeds
+    if args.quick:
+        labels, seeds = [10], min(seeds, 1)
+    methods = _methods(args.methods.split(","), args.backends.split(","))
+    runs_path = out / "runs.jsonl"
+    done = [json.loads(line) for line in runs_path.open()] if runs_path.is_file() else []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    for ds_name in datasets:
+        ds = load_dataset(DataConfig(dataset=ds_name))
+        for lpc in labels:
+            for seed in range(seeds):
+                over = {**BUDGETS.get(ds_name, {}), "data.dataset": ds_name,
+                        "data.labels_per_class": lpc, "data.seed": seed, "train.seed": seed,
+                        "train.num_workers": 0}
+                if args.quick:
+                    over["train.epochs"] = QUICK_EPOCHS.get(ds_name, 10)
+                if ds_name == "mnist5k":
+                    over["backend.gmm.pca_dim"] = 30
+                cfg = apply_overrides(Config(), {**over, **parse_set(args.set)})
+                split = make_split(ds, cfg.data)
+                cache: dict[str, Any] = {}
+                tag = {"dataset": ds_name, "labels_per_class": lpc, "seed": seed,
+                       "quick": args.quick, "overrides": parse_set(args.set)}
+                for method in methods:
+                    if any({k: r.get(k) for k in tag} == tag and r["method"] == method
+                           for r in done):
+                        continue
+                    log(f"[{ds_name} {lpc}/class seed {seed}] {method} ...")
+                    res = {**tag, "method": method, **run_one(method, split, cfg, out, log,
+                                                             cache)}
+                    log(f"[{ds_name} {lpc}/class seed {seed}] {method}: "
+                        f"{100 * res['test_accuracy']:.1f}% ({res['seconds']:.0f}s)")
+                    done.append(res)
+                    with runs_path.open("a") as f:
+                        f.write(json.dumps(res) + "\n")
+    rows = [r for r in done if r["quick"] == args.quick and r["dataset"] in datasets
+            and r["labels_per_class"] in labels and r["seed"] < seeds and r["method"] in methods
+            and r.get("overrides", {}) == parse_set(args.set)]
+    md = table(rows)
+    (out / "table.md").write_text(md + "\n")
+    plot(rows, out / "accuracy_vs_labels.png")
+    print("\n" + md)
+    print(f"\nwrote {out / 'table.md'}, {out / 'accuracy_vs_labels.png'}, {runs_path}")
+    return 0
