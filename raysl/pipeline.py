@@ -179,8 +179,9 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
         f"{len(split.x_u)} unlabeled rows" + (" with Ray actors" if use_ray else ""))
 
     def progress(rnd: int, obj: float) -> None:
-        if rnd == 1 or rnd % 10 == 0:
-            log(f"[pseudo-label] round {rnd}: objective {obj:.6g}")
+        if rnd == 1 or rnd % 10 == 0:  # a set-up round (e.g. the GMM's PCA) has no objective
+            log(f"[pseudo-label] round {rnd}: " + (f"objective {obj:.6g}" if math.isfinite(obj)
+                                                  else "set-up (no objective yet)"))
 
     if use_ray:
         from raysl.distributed.actors import RayExecutor
