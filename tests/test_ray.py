@@ -69,6 +69,22 @@ def test_self_backend_actor_fit_equals_local_fit(split) -> None:
     np.testing.assert_allclose(local.proba, remote.proba, rtol=0, atol=1e-6)
 
 
+def test_vae_actor_fit_equals_local_fit(split) -> None:
+    """FedAvg rounds through Ray actors (state via the object store) == the in-process loop."""
+    cfg = apply_overrides(Config(), {
+        "backend.vae.rounds": 2, "backend.vae.local_epochs": 1, "backend.vae.hidden": 32,
+        "backend.vae.latent_dim": 4, "backend.vae.m1_dim": 8})
+    ctx = FitContext(split.n_classes, split.input_shape, seed=0)
+    local, remote = _fit_both("vae", split, ctx, cfg, n_shards=2)
+    assert local.rounds == remote.rounds == 2
+    # equal up to float32 rounding (the actor process's torch may pick other CPU kernels)
+    for k, v in local.state["arrays"].items():
+        np.testing.assert_allclose(remote.state["arrays"][k], v, rtol=1e-4, atol=1e-6,
+                                   err_msg=k)
+    np.testing.assert_allclose(local.proba, remote.proba, rtol=0, atol=1e-5)
+    assert remote.proba.shape == (len(split.x_u), split.n_classes)
+
+
 def _train_data(split) -> TrainData:
     e = np.zeros((0, *split.input_shape), np.float32)
     return TrainData(split.x_l, split.y_l, e, np.zeros(0, np.int64), np.zeros(0, np.float32),

@@ -12,7 +12,9 @@ and its class logits) wrapped in :class:`FedAvgBackend`, which implements the ba
 - ``merge`` (driver) averages every array weighted by shard size and counts the round.
 
 The optimiser moments are averaged with the weights, so with one shard a fit is exactly plain
-local training continued across rounds (a test checks this).
+local training continued across rounds (a test checks this). The learning rate is constant for
+the first half of the rounds and then decays linearly (:func:`lr_factor`): the averaged model
+settles instead of oscillating (GAN training especially).
 """
 
 from __future__ import annotations
@@ -122,6 +124,12 @@ def fedavg(parts: Sequence[dict[str, np.ndarray]], sizes: Sequence[int]) -> dict
     return out
 
 
+def lr_factor(rnd: int, rounds: int) -> float:
+    """Learning-rate multiplier of round ``rnd`` (0-based): 1 for the first half of the rounds,
+    then linear decay towards 0 (Salimans et al. 2016), so the averaged model settles."""
+    return min(1.0, 2.0 * (rounds - rnd) / max(rounds, 1))
+
+
 def local_steps(n_u: int, sched: Schedule) -> int:
     """Steps in one round on a shard of ``n_u`` unlabeled rows."""
     return sched.local_epochs * max(1, math.ceil(n_u / sched.batch_size))
@@ -141,6 +149,10 @@ def train_local(trainer: LocalTrainer, model: nn.Module, opts: list[torch.optim.
     x_l = torch.from_numpy(np.ascontiguousarray(shard.x_l, np.float32))
     y_l = torch.from_numpy(np.asarray(shard.y_l, np.int64))
     steps = local_steps(len(x_u), sched)
+    for opt in opts:
+        for g in opt.param_groups:
+            g.setdefault("initial_lr", g["lr"])  # the base rate (as torch's schedulers keep it)
+            g["lr"] = g["initial_lr"] * lr_factor(rnd, sched.rounds)
     losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(key)

@@ -65,7 +65,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], n_classes: int, hidden: int) -> None:
         super().__init__()
-        self.features, width = body(input_shape, hidden, noise=0.3, dropout=0.2)
+        self.features, width = body(input_shape, hidden, noise=0.3, hidden_noise=0.5,
+                                    dropout=0.5)
         self.head = nn.Linear(width, n_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,17 +106,17 @@ class GANTrainer:
         opt_d, opt_g = opts
         # discriminator: generated rows detached (the generator is updated below)
         fake = model.gen(self._noise(len(x_u), gen)).detach()
-        _, logits = model.disc(torch.cat([x_l, x_u, fake]))
+        feats, logits = model.disc(torch.cat([x_l, x_u, fake]))
         n_l, n_u = len(x_l), len(x_u)
+        f_real = feats[n_l:n_l + n_u].detach()  # the feature-matching target, reused below
         loss_d = discriminator_loss(logits[:n_l], y_l, logits[n_l:n_l + n_u],
                                     logits[n_l + n_u:])
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
         # generator: feature matching against the real unlabeled rows
-        f_real, _ = model.disc(x_u)
         f_fake, _ = model.disc(model.gen(self._noise(len(x_u), gen)))
-        loss_g = feature_matching_loss(f_real.detach(), f_fake)
+        loss_g = feature_matching_loss(f_real, f_fake)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()

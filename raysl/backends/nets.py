@@ -27,20 +27,22 @@ class GaussianNoise(nn.Module):
 
 
 def body(input_shape: tuple[int, ...], hidden: int, noise: float = 0.0,
-         dropout: float = 0.0) -> tuple[nn.Module, int]:
+         hidden_noise: float = 0.0, dropout: float = 0.0) -> tuple[nn.Module, int]:
     """A feature extractor for rows of ``input_shape`` and its output width.
 
     Images (c, h, w): two stride-2 convolutions then a dense layer; vectors (d,): two dense
-    layers. ``noise`` (Gaussian, std) and ``dropout`` regularise a discriminator."""
+    layers. ``noise`` (Gaussian std on the inputs), ``hidden_noise`` (on hidden layers) and
+    ``dropout`` regularise a discriminator."""
     if len(input_shape) == 3:
         c, h, w = input_shape
         convs = nn.Sequential(
             GaussianNoise(noise),
             nn.Conv2d(c, 32, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
             nn.Dropout(dropout),
+            GaussianNoise(hidden_noise),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
             nn.Dropout(dropout),
-            nn.Flatten(),
+            nn.Flatten(), GaussianNoise(hidden_noise),
         )
         flat = 64 * math.ceil(math.ceil(h / 2) / 2) * math.ceil(math.ceil(w / 2) / 2)
         return nn.Sequential(convs, nn.Linear(flat, hidden), nn.LeakyReLU(0.2)), hidden
@@ -48,7 +50,7 @@ def body(input_shape: tuple[int, ...], hidden: int, noise: float = 0.0,
         (d,) = input_shape
         return nn.Sequential(
             GaussianNoise(noise), nn.Linear(d, hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout),
-            GaussianNoise(noise), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            GaussianNoise(hidden_noise), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
         ), hidden
     raise ValueError(f"input_shape={input_shape}: expected (c, h, w) or (d,)")
 

@@ -92,10 +92,11 @@ class M2(nn.Module):
     def class_logits(self, x: Tensor) -> Tensor:
         return self.cls_head(self.cls_body(x))  # (n, C)
 
-    def neg_elbo(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
-        """-L(x, y) per row, (n,), for x (n, ...) and integer labels y (n,)."""
+    def neg_elbo(self, x: Tensor, h: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        """-L(x, y) per row, (n,), for x (n, ...), its encoder features ``h = enc_body(x)``
+        (n, width) (computed once for all classes) and integer labels y (n,)."""
         onehot = F.one_hot(y, self.k).to(x.dtype)
-        mu, logvar = self.enc_head(torch.cat([self.enc_body(x), onehot], 1)).chunk(2, 1)
+        mu, logvar = self.enc_head(torch.cat([h, onehot], 1)).chunk(2, 1)
         logvar = logvar.clamp(-8.0, 8.0)
         z = reparameterize(mu, logvar, gen)
         out = self.dec(torch.cat([z, onehot], 1))
@@ -108,11 +109,13 @@ class M2(nn.Module):
         n, k = len(x_u), self.k
         # every unlabeled row with every class: rows repeated class-major, (k·n, ...)
         ys = torch.arange(k).repeat_interleave(n)
-        l_all = self.neg_elbo(x_u.repeat(k, *([1] * (x_u.dim() - 1))), ys, gen).view(k, n).T
+        h_u = self.enc_body(x_u).repeat(k, 1)
+        l_all = self.neg_elbo(x_u.repeat(k, *([1] * (x_u.dim() - 1))), h_u, ys,
+                              gen).view(k, n).T
         logq = F.log_softmax(self.class_logits(x_u), 1)  # (n, k)
         q = logq.exp()
         unlabeled = (q * (l_all + logq)).sum(1).mean()  # E_q[-L] - H(q)
-        labeled = self.neg_elbo(x_l, y_l, gen).mean()
+        labeled = self.neg_elbo(x_l, self.enc_body(x_l), y_l, gen).mean()
         ce = F.cross_entropy(self.class_logits(x_l), y_l)
         return unlabeled + labeled + alpha * ce
 
