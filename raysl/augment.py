@@ -98,6 +98,27 @@ def _affine(x: Tensor, ops: list[tuple[Tensor, str, Tensor]]) -> Tensor:
     return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
+def _intensity(name: str, x: Tensor, mag: Tensor) -> Tensor:
+    """One intensity op on rows ``x`` (m, c, h, w) with magnitudes ``mag`` (m,) in [0, 1]."""
+    if name == "autocontrast":
+        return TF.autocontrast(x)
+    if name == "equalize":
+        return TF.equalize(x)
+    factor = 0.55 + 0.9 * mag  # enhance factors in [0.55, 1.45], around 1
+    if name == "brightness":
+        return _blend(x, torch.zeros_like(x), factor)
+    if name == "contrast":
+        return _blend(x, x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x), factor)
+    if name == "sharpness":
+        return _blend(x, TF.adjust_sharpness(x, 0.0), factor)
+    if name == "posterize":  # keep 4..8 bits
+        q = 2.0 ** (4 + (4 * mag).floor()).view(-1, 1, 1, 1)
+        return torch.floor(x * (q - 1) + 0.5) / (q - 1)
+    if name == "solarize":  # invert pixels above a threshold in [0, 1]
+        return torch.where(x >= mag.view(-1, 1, 1, 1), 1.0 - x, x)
+    raise ValueError(f"unknown op {name!r}; expected one of {STRONG_OPS}")
+
+
 def strong(x: Tensor, gen: torch.Generator, n_ops: int = 2, cut: float = 0.5) -> Tensor:
     """RandAugment (``n_ops`` random ops per row, random magnitudes) then cutout.
 
@@ -113,30 +134,13 @@ def strong(x: Tensor, gen: torch.Generator, n_ops: int = 2, cut: float = 0.5) ->
     for k in range(n_ops):
         for i, name in enumerate(STRONG_OPS):
             sel = pick[k] == i  # (n,) rows that apply this op in slot k
-            if not bool(sel.any()) or name == "identity":
+            if name == "identity" or not bool(sel.any()):
                 continue
-            mag = mags[k]
             if name in _GEOMETRIC:
-                geo.append((sel, name, mag * signs[k]))
+                geo.append((sel, name, mags[k] * signs[k]))
                 continue
-            if name == "autocontrast":
-                y = TF.autocontrast(x)
-            elif name == "equalize":
-                y = TF.equalize(x)
-            elif name == "brightness":  # enhance factors in [0.55, 1.45], around 1
-                y = _blend(x, torch.zeros_like(x), 0.05 + 0.9 * mag + 0.5)
-            elif name == "contrast":
-                mean = x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x)
-                y = _blend(x, mean, 0.05 + 0.9 * mag + 0.5)
-            elif name == "sharpness":
-                y = _blend(x, TF.adjust_sharpness(x, 0.0), 0.05 + 0.9 * mag + 0.5)
-            elif name == "posterize":  # keep 4..8 bits
-                bits = (4 + (4 * mag).floor()).view(-1, 1, 1, 1)
-                q = 2.0 ** bits
-                y = torch.floor(x * (q - 1) + 0.5) / (q - 1)
-            else:  # solarize: invert pixels above a threshold in [0, 1]
-                y = torch.where(x >= mag.view(-1, 1, 1, 1), 1.0 - x, x)
-            x = torch.where(sel.view(-1, 1, 1, 1), y, x)
+            rows = sel.nonzero().squeeze(1)  # work on the selected rows only
+            x = x.index_copy(0, rows, _intensity(name, x[rows], mags[k][rows]))
     if geo:
         x = _affine(x, geo)
     return cutout(x, gen, cut) if cut > 0 else x

@@ -215,7 +215,9 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
                 if not state:
                     state.update(init_ssl_state(len(data.x_u), probs.shape[1]))
                 iu = torch.from_numpy(idx_u[s])
-                all_probs, all_idx = _gather(probs.cpu(), world_size), _gather(iu, world_size)
+                # gathered on the device (nccl needs CUDA tensors), kept on the CPU like state
+                all_probs = _gather(probs, world_size).cpu()
+                all_idx = _gather(iu.to(probs.device), world_size).cpu()
                 if cfg.dist_align:
                     state["p_model"] = ema(state["p_model"], all_probs.mean(0), 0.999)
                     probs = align_distribution(probs, state["p_model"].to(probs.device))

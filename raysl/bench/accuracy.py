@@ -3,15 +3,19 @@
 For each dataset, labels-per-class count and seed (one :func:`raysl.data.make_split` per
 triple, so every method sees the same labeled, unlabeled and test rows) it trains or fits:
 
-- ``supervised``: the labeled rows only (same network, budget and weak augmentation as
-  FixMatch: ``train.lambda_u = 0``);
+- ``supervised``: the labeled rows only (same network, budget, weak augmentation and EMA
+  as FixMatch: ``train.fixmatch = true, train.lambda_u = 0``);
 - ``label_spreading`` / ``self_training``: scikit-learn's LabelSpreading (kNN kernel) and
   SelfTrainingClassifier (SVC) on the flattened pixels;
 - ``<backend>``: raysl's offline pipeline (backend pseudo-labels, ``select.threshold``,
   joint training), for each backend in ``--backends``;
 - ``fixmatch``: raysl's online pseudo-labels (``train.fixmatch``, EMA teacher);
 - ``fixmatch+<backend>``: FixMatch plus the backend's kept pseudo-labels as extra targets;
-- ``oracle``: every training row labeled (labeled + unlabeled pool), same budget.
+- ``oracle``: every training row labeled (labeled + unlabeled pool), trained like
+  ``supervised``.
+
+Neural methods start from He-initialised weights (``train.init = he``); the offline
+backends' joint training is the pipeline's (no augmentation, no EMA), as ``raysl run`` does.
 
 The many runs call the training loop directly in this process (plain PyTorch,
 ``torch.set_num_threads(--threads)``), not through Ray Train: Ray Train's worker runs the same
@@ -27,6 +31,7 @@ import argparse
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -42,9 +47,10 @@ from raysl.train import TrainData, accuracy, make_optimizer, run_epoch, state_to
 
 # The training budget of each dataset (the same for every neural method on it). mnist5k:
 # 41 steps per epoch at mu=3, batch 32; the full table has to fit in an hour on 2 cores.
+_COMMON = {"train.ema": 0.99, "train.fixmatch_threshold": 0.95, "train.init": "he"}
 BUDGETS: dict[str, dict[str, Any]] = {
-    "digits": {"train.epochs": 60, "train.ema": 0.99, "train.fixmatch_threshold": 0.95},
-    "mnist5k": {"train.epochs": 30, "train.ema": 0.99, "train.fixmatch_threshold": 0.95},
+    "digits": {**_COMMON, "train.epochs": 60},
+    "mnist5k": {**_COMMON, "train.epochs": 30, "backend.gmm.pca_dim": 30},
 }
 QUICK_EPOCHS = {"digits": 30, "mnist5k": 10}
 DEFAULT_METHODS = ("supervised", "label_spreading", "self_training", "backends", "fixmatch",
@@ -68,7 +74,7 @@ def train_torch(split: Split, cfg: TrainConfig, x_l: np.ndarray | None = None,
     data = TrainData(x_l, y_l, *pseudo, split.x_val, split.y_val, len(split.x_u),
                      x_u=split.x_u, y_u=split.y_u)
     torch.manual_seed(cfg.seed)
-    model = build_model(split.input_shape, split.n_classes, cfg.hidden)
+    model = build_model(split.input_shape, split.n_classes, cfg.hidden, cfg.init)
     teacher = copy.deepcopy(model) if cfg.ema > 0 else None
     opt = make_optimizer(model, cfg)
     state: dict[str, torch.Tensor] = {}
@@ -103,8 +109,12 @@ def sklearn_method(name: str, split: Split) -> float:
         clf: Any = LabelSpreading(kernel="knn", n_neighbors=7, alpha=0.2, max_iter=100)
     else:
         clf = SelfTrainingClassifier(SVC(probability=True, gamma="scale", random_state=0),
-                                     threshold=0.75)
-    clf.fit(x, y)
+                                     threshold=0.75)  # scikit-learn's own example
+    with warnings.catch_warnings():
+        # SVC(probability=True) is deprecated since scikit-learn 1.9; its replacement
+        # (CalibratedClassifierCV, 5-fold) cannot fit 1 labeled row per class
+        warnings.simplefilter("ignore", FutureWarning)
+        clf.fit(x, y)
     return float((clf.predict(_flat(split.x_test)) == split.y_test).mean())
 
 
@@ -133,14 +143,16 @@ def run_one(method: str, split: Split, cfg: Config, out: Path, log: Log,
     if method in ("label_spreading", "self_training"):
         acc = sklearn_method(method, split)
     else:
-        if method == "supervised" or "sup_state" not in cache:
-            sup, _ = train_torch(split, replace(tcfg, lambda_u=0.0), log=log)
+        needs_sup = method == "supervised" or method.partition("+")[2] != "" or (
+            not method.startswith("fixmatch") and method != "oracle")  # the `self` backend
+        if needs_sup and "sup_state" not in cache:
+            sup, _ = train_torch(split, replace(tcfg, lambda_u=0.0, fixmatch=True), log=log)
             cache["sup_state"] = state_to_numpy(sup.state_dict())
             cache["sup_acc"] = accuracy(sup, split.x_test, split.y_test)
         if method == "supervised":
             acc = cache["sup_acc"]
         elif method == "oracle":
-            model, _ = train_torch(split, replace(tcfg, lambda_u=0.0),
+            model, _ = train_torch(split, replace(tcfg, lambda_u=0.0, fixmatch=True),
                                    np.concatenate([split.x_l, split.x_u]),
                                    np.concatenate([split.y_l, split.y_u]), log=log)
             acc = accuracy(model, split.x_test, split.y_test)
@@ -149,7 +161,7 @@ def run_one(method: str, split: Split, cfg: Config, out: Path, log: Log,
             backend = method.partition("+")[2] if online else method
             pseudo = None
             if backend:
-                pseudo, info = _backend_pseudo(split, cfg, backend, out / "cache",
+                pseudo, info = _backend_pseudo(split, cfg, backend, out,
                                                cache["sup_state"], log)
                 extra.update({f"pl_{k}": v for k, v in info.items()})
             t1 = replace(tcfg, fixmatch=online, offline="targets" if backend else "none")
@@ -214,6 +226,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             std = np.array([s[1] for s in st]) * 100
             ax.errorbar(pts, mean, yerr=std, marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="labels per class", ylabel="test accuracy (%)", title=ds)
+        ticks = sorted({r["labels_per_class"] for r in rows if r["dataset"] == ds})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -237,6 +252,10 @@ def _methods(names: list[str], backends: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--ray-overhead":  # until `raysl bench ray-overhead` is registered
+        from raysl.bench import ray_overhead
+
+        return ray_overhead.main(argv[1:])
     ap = argparse.ArgumentParser(prog="raysl bench accuracy", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="digits + mnist5k at 10 labels/class, 1 seed, shorter training")
@@ -244,6 +263,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--datasets", default="digits,mnist5k")
     ap.add_argument("--labels", default="1,2,5,10", help="labels per class, comma-separated")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only-seed", type=int, default=None,
+                    help="run just this seed (to run seeds in parallel processes); the table "
+                    "still covers --seeds from OUT/runs.jsonl")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="comma-separated; 'backends' expands to --backends, "
                     "'fixmatch+backends' to fixmatch+<each backend>")
@@ -262,7 +284,8 @@ def main(argv: list[str]) -> int:
         labels, seeds = [10], min(seeds, 1)
     methods = _methods(args.methods.split(","), args.backends.split(","))
     runs_path = out / "runs.jsonl"
-    done = [json.loads(line) for line in runs_path.open()] if runs_path.is_file() else []
+    done = ([json.loads(line) for line in runs_path.open() if line.strip()]
+            if runs_path.is_file() else [])
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -270,14 +293,12 @@ def main(argv: list[str]) -> int:
     for ds_name in datasets:
         ds = load_dataset(DataConfig(dataset=ds_name))
         for lpc in labels:
-            for seed in range(seeds):
+            for seed in range(seeds) if args.only_seed is None else [args.only_seed]:
                 over = {**BUDGETS.get(ds_name, {}), "data.dataset": ds_name,
                         "data.labels_per_class": lpc, "data.seed": seed, "train.seed": seed,
                         "train.num_workers": 0}
                 if args.quick:
                     over["train.epochs"] = QUICK_EPOCHS.get(ds_name, 10)
-                if ds_name == "mnist5k":
-                    over["backend.gmm.pca_dim"] = 30
                 cfg = apply_overrides(Config(), {**over, **parse_set(args.set)})
                 split = make_split(ds, cfg.data)
                 cache: dict[str, Any] = {}

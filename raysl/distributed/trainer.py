@@ -8,6 +8,7 @@ the same storage path and name resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import time
@@ -38,7 +39,7 @@ CKPT_FILE = "state.pt"
 
 @dataclass
 class TrainOutcome:
-    state: dict[str, Any]  # the final model's state dict, numpy arrays
+    state: dict[str, Any]  # the final model's state dict (EMA teacher if on), numpy arrays
     history: list[dict[str, float]]  # one row per epoch
     seconds: float
     resumed_from_epoch: int  # -1 when the run started fresh
@@ -61,9 +62,14 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts anyway)
-    model = build_model(tuple(config["input_shape"]), config["n_classes"], cfg.hidden)
+    model = build_model(tuple(config["input_shape"]), config["n_classes"], cfg.hidden,
+                        cfg.init)
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(model, cfg)
+    # The EMA teacher: per rank, but identical on every rank (DDP keeps the students in sync),
+    # so rank 0's is the model. It evaluates, labels the weak views and is the result.
+    teacher = copy.deepcopy(unwrap(model)) if cfg.ema > 0 else None
+    ssl_state: dict[str, torch.Tensor] = {}  # adaptive thresholds, distribution alignment
 
     start, history, resumed = 0, [], -1
     ckpt = ray.train.get_checkpoint()
@@ -72,20 +78,29 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             saved = torch.load(Path(d) / CKPT_FILE, map_location=device, weights_only=True)
         unwrap(model).load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
+        if teacher is not None:
+            teacher.load_state_dict(saved["teacher"])
+        ssl_state.update(saved.get("ssl_state", {}))
         start, history, resumed = saved["epoch"] + 1, saved["history"], saved["epoch"]
 
     fault: Fault | None = config.get("fault")
+
+    def evaluated() -> torch.nn.Module:
+        """The model that is evaluated and returned: the EMA teacher when there is one."""
+        return teacher if teacher is not None else unwrap(model)
 
     def mid_epoch_fault(step: int, steps: int) -> None:
         if fault is not None and step == steps // 2:
             fault.fire(epoch, rank)
 
     for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        row = run_epoch(model, opt, data, cfg, epoch, rank, world, device, mid_epoch_fault)
-        row.update(epoch=epoch, val_accuracy=accuracy(unwrap(model), data.x_val, data.y_val,
+        t0, started_at = time.perf_counter(), time.time()
+        row = run_epoch(model, opt, data, cfg, epoch, rank, world, device, mid_epoch_fault,
+                        teacher=teacher, ssl_state=ssl_state)
+        row.update(epoch=epoch, val_accuracy=accuracy(evaluated(), data.x_val, data.y_val,
                                                       device),
-                   epoch_seconds=time.perf_counter() - t0, resumed_from_epoch=resumed)
+                   epoch_seconds=time.perf_counter() - t0, resumed_from_epoch=resumed,
+                   started_at=started_at)  # wall clock: epoch-to-epoch time incl. reporting
         history.append(row)
         if rank == 0 and config["verbose"]:
             print(f"[{config['name']}] epoch {epoch + 1}/{cfg.epochs} loss={row['loss']:.3f} "
@@ -93,8 +108,11 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                            "epoch": epoch, "history": history}, Path(tmp) / CKPT_FILE)
+                saved = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "epoch": epoch, "history": history, "ssl_state": ssl_state}
+                if teacher is not None:
+                    saved["teacher"] = teacher.state_dict()
+                torch.save(saved, Path(tmp) / CKPT_FILE)
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report(row, checkpoint=checkpoint)
     nodes = [ray.get_runtime_context().get_node_id()]
@@ -104,7 +122,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         nodes = gathered
     if rank != 0:
         return None
-    return {"model": state_to_numpy(unwrap(model).state_dict()), "history": history,
+    return {"model": state_to_numpy(evaluated().state_dict()), "history": history,
             "nodes": nodes}
 
 
