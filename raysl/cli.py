@@ -15,15 +15,16 @@ DEFAULT_OUT = "runs/default"
 BENCHES: dict[str, str] = {
     "backends": "raysl.bench.backends",
     "accuracy": "raysl.bench.accuracy",
+    "ray-overhead": "raysl.bench.ray_overhead",
 }
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, out: str = DEFAULT_OUT) -> None:
     p.add_argument("--config", help="YAML file of config keys (nested or dotted)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set select.threshold=0.9 (repeatable)")
-    p.add_argument("--out", default=DEFAULT_OUT,
-                   help=f"output directory; running again with it resumes (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=out,
+                   help=f"output directory; running again with it resumes (default {out})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="Ray Tune search over config keys (see README)",
                           description="Ray Tune search over any config keys; running again "
                           "with the same --out resumes the search")
-    _common(tune)
+    _common(tune, out="runs/tune")
     tune.add_argument("--space", help="YAML file: the search space, by dotted config keys")
     bench = sub.add_parser("bench", help="benchmarks that print a table: "
                            + ", ".join(BENCHES))

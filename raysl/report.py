@@ -367,6 +367,12 @@ def _by_backend_threshold(records: Sequence[TrialRecord], metric: str
             for b, d in sorted(acc.items())}
 
 
+def _colours(records: Sequence[TrialRecord]) -> dict[str, str]:
+    """One colour per backend, the same in every plot."""
+    names = {str(r.metrics.get("backend", r.config.get("backend.name", "?"))) for r in records}
+    return {b: f"C{i}" for i, b in enumerate(sorted(names))}
+
+
 def plot_accuracy(records: Sequence[TrialRecord], path: Path, n_val: int | None = None) -> Path:
     """Validation (solid) and test (dashed) accuracy of the final model vs threshold, one colour
     per backend."""
@@ -375,23 +381,25 @@ def plot_accuracy(records: Sequence[TrialRecord], path: Path, n_val: int | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
     val, test = (_by_backend_threshold(records, m) for m in ("val_accuracy", "test_accuracy"))
-    for i, b in enumerate(sorted(set(val) | set(test))):
-        c = f"C{i}"
+    colour = _colours(records)
+    for b in sorted(set(val) | set(test)):
+        c = colour[b]
         if b in val:
             ax.plot(*val[b], "o-", color=c, label=f"{b} validation")
         if b in test:
             ax.plot(*test[b], "s--", color=c, alpha=0.7, label=f"{b} test")
     ax.set_xlabel("select.threshold")
     ax.set_ylabel("accuracy of the joint model")
-    title = "Accuracy vs threshold (mean over other searched keys)"
+    others = {k for r in records for k in r.config} - {"backend.name", "select.threshold"}
+    title = "Accuracy vs threshold" + (" (mean over other searched keys)" if others else "")
     if n_val:
         title += f"\nvalidation: {n_val} rows (steps of {100 / n_val:.1f}%)"
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(fontsize=8)
+    if ax.has_data():  # outside the axes: curves often crowd every corner
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
@@ -406,11 +414,12 @@ def plot_precision_coverage(records: Sequence[TrialRecord], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0))
+    colour = _colours(records)
     for ax, m, label in zip(axes, ("precision", "coverage"),
                             ("precision of kept pseudo-labels", "coverage (kept / unlabeled)"),
                             strict=True):
-        for i, (b, (xs, ys)) in enumerate(_by_backend_threshold(records, m).items()):
-            ax.plot(xs, ys, "o-", color=f"C{i}", label=b)
+        for b, (xs, ys) in _by_backend_threshold(records, m).items():
+            ax.plot(xs, ys, "o-", color=colour[b], label=b)
         ax.set_xlabel("select.threshold")
         ax.set_ylabel(label)
         ax.set_ylim(-0.02, 1.02)

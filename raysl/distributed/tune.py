@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -89,13 +90,15 @@ def _absolute_paths(cfg: Config) -> Config:
 
 
 def _upstream(cfg: Config, root: Path, log: Log, split: Split | None = None,
-              **train_kwargs: Any) -> tuple[Split, dict[str, Any], dict[str, Any], Path]:
-    """Baseline + backend probabilities for ``cfg`` from (or into) its shared dir."""
+              use_ray: bool = True, **train_kwargs: Any
+              ) -> tuple[Split, dict[str, Any], dict[str, Any], Path]:
+    """Baseline + backend probabilities for ``cfg`` from (or into) its shared dir.
+    ``use_ray``: fit a missing backend with one actor per shard (else in this process)."""
     split = split if split is not None else pipeline.check(cfg)
     sdir = shared_dir(root, cfg)
     base = pipeline.baseline(split, cfg, sdir, log, **train_kwargs)
     state = pipeline._load_state(sdir / "baseline" / "model.pt")
-    pl = pipeline.pseudo_label(split, cfg, sdir, state, log)
+    pl = pipeline.pseudo_label(split, cfg, sdir, state, log, use_ray=use_ray)
     return split, base, pl, sdir
 
 
@@ -123,9 +126,16 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
     tdir = Path(root) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
     log = _file_log(tdir / "log.txt")
-    log(f"attempt started: {config}")  # one line per attempt (the resume test counts them)
+    log(f"attempt started: {config}")  # one line per attempt: restores show up here
     write_text(tdir / "config.yaml", dump_yaml(cfg))
-    split, base_rec, pl, _ = _upstream(cfg, Path(root), log, verbose=False)
+    # Normally cache hits (the driver fitted them). When not (a range-sampled key that changes
+    # the fit): the backend is fitted in this process, not by shard actors, because concurrent
+    # trials each holding one of their two actors would wait on each other forever (actors are
+    # not gang-scheduled); same result, as the actor==local tests show. The baseline's Train
+    # run is named by trial so two trials missing the same baseline never share a run
+    # directory (both write the same result, atomically).
+    split, base_rec, pl, _ = _upstream(cfg, Path(root), log, use_ray=False, verbose=False,
+                                       run_name=f"baseline-{trial_id}")
     sel, plm = pipeline._selection(split, cfg, pl["proba"])
     j = pipeline.joint(split, cfg, tdir, sel, log, callbacks=[TuneReportCallback()],
                        run_name=f"train-{trial_id}", verbose=False)
@@ -165,6 +175,11 @@ def _domain(p: Param, search: str) -> Any:
 def param_space(spec: SearchSpec) -> dict[str, Any]:
     """Tune's search space, keyed by the same dotted keys as ``--set``."""
     return {p.key: _domain(p, spec.search) for p in spec.params}
+
+
+def n_trials(spec: SearchSpec) -> int:
+    """How many trials the search runs."""
+    return spec.n_grid * spec.num_samples if spec.search == "grid" else spec.num_samples
 
 
 def _max_epochs(spec: SearchSpec, base: Config) -> int:
@@ -229,31 +244,31 @@ def _tuner(spec: SearchSpec, base: Config, root: Path, log: Log, concurrency: in
                                     scheduler=scheduler, num_samples=spec.num_samples,
                                     max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(root), verbose=0,
-                                  callbacks=[Progress(spec.keys, log)]),
+                                  callbacks=[Progress(spec.keys, n_trials(spec), log)]),
     )
 
 
 class Progress(ray.tune.Callback):
     """One line per trial start and end, instead of Tune's status tables."""
 
-    def __init__(self, keys: list[str], log: Log = print) -> None:
-        self.keys, self.log = keys, log
+    def __init__(self, keys: list[str], total: int, log: Log = print) -> None:
+        # total: Tune creates grid trials lazily (max_concurrent), so len(trials) grows
+        self.keys, self.total, self.log = keys, total, log
 
     # Tune pickles its run config (with the callbacks) into the experiment dir; the log function
     # may not pickle (print is patched by Ray), and a restored search passes its own anyway.
     def __getstate__(self) -> dict[str, Any]:
-        return {"keys": self.keys}
+        return {"keys": self.keys, "total": self.total}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.keys, self.log = state["keys"], print
+        self.keys, self.total, self.log = state["keys"], state.get("total", 0), print
 
     def _what(self, trial: Any) -> str:
         return " ".join(f"{k}={trial.config.get(k)}" for k in self.keys)
 
-    @staticmethod
-    def _count(trials: list[Any], trial: Any) -> str:
+    def _count(self, trials: list[Any], trial: Any) -> str:
         done = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
-        return f"({done}/{len(trials)})"
+        return f"({done}/{max(self.total, len(trials))})"
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.log(f"[tune] {trial.trial_id} started: {self._what(trial)}")
@@ -278,6 +293,15 @@ class Progress(ray.tune.Callback):
 
 # -- results --------------------------------------------------------------------------------
 
+def _short_error(err: BaseException | None) -> str:
+    """The line of a (remote) traceback that says what went wrong: its last one, uncoloured."""
+    if err is None:
+        return ""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("...", "^", "File "))]
+    return lines[-1] if lines else type(err).__name__
+
+
 def _records(results: Any, keys: list[str]) -> list[TrialRecord]:
     recs = []
     for r in results:
@@ -292,7 +316,7 @@ def _records(results: Any, keys: list[str]) -> list[TrialRecord]:
         else:
             status = "not run"
         recs.append(TrialRecord(tid, {k: r.config.get(k) for k in keys}, status, m,
-                                str(r.error) if r.error is not None else ""))
+                                _short_error(r.error)))
     return sorted(recs, key=lambda t: t.trial_id)
 
 
@@ -344,8 +368,7 @@ def tune(cfg: Config, space_path: str | Path | None, out: str | Path,
                   and (exp / "tuner.pkl").stat().st_size > 0)
         log(f"[tune] {'resuming the search in' if resume else 'search:'} {root}: "
             f"{spec.search} over {', '.join(spec.keys)}"
-            + (f" ({spec.n_grid * spec.num_samples} trials)" if spec.search == "grid" else
-               f" ({spec.num_samples} trials)"))
+            + f" ({n_trials(spec)} trials)")
         # Fit every baseline and backend the trials will read, once, before they start.
         fits = 0
         for c in prefit:

@@ -1,0 +1,315 @@
+"""``raysl tune``: the space parser and the report without Ray; then real (tiny) searches on the
+session's Ray: backend fits are shared, the best config replays, a killed search resumes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysl import pipeline
+from raysl.backends import BACKENDS
+from raysl.cli import main
+from raysl.config import Config, apply_overrides, dump_yaml, load_config
+from raysl.errors import ConfigError
+from raysl.report import (
+    ReportInputs,
+    TrialRecord,
+    best,
+    default_space,
+    load_space,
+    parse_space,
+    prefit_overrides,
+    rank,
+    write_report,
+)
+
+# -- the space file (no Ray) ----------------------------------------------------------------
+
+EXAMPLE = {
+    "search": "random",
+    "num_samples": 3,
+    "asha": {"grace_period": 2},
+    "max_concurrent_trials": 2,
+    "space": {
+        "select.threshold": {"grid": [0.8, 0.9, 0.95]},
+        "backend.name": {"grid": ["gmm", "self"]},
+        "train.lambda_u": {"uniform": [0.5, 2.0]},
+        "train.lr": {"loguniform": ["1e-3", 0.1]},
+        "train.hidden": {"randint": [16, 65]},
+        "backend.gmm.pca_dim": {"choice": [8, 16]},
+        "train.epochs": 3,
+    },
+}
+
+
+def test_space_file_parses_to_typed_params() -> None:
+    spec = parse_space(EXAMPLE, Config(), tuple(BACKENDS))
+    p = {x.key: x for x in spec.params}
+    assert spec.search == "random" and spec.num_samples == 3 and spec.asha == {"grace_period": 2}
+    assert p["select.threshold"].kind == "grid"
+    assert p["select.threshold"].values == (0.8, 0.9, 0.95)
+    assert p["train.lambda_u"].values == (0.5, 2.0)
+    assert p["train.lr"].values == (1e-3, 0.1)  # YAML's '1e-3' string read as a float
+    assert p["train.hidden"].values == (16, 65)
+    assert p["train.epochs"].kind == "fixed" and p["train.epochs"].values == (3,)
+    assert spec.n_grid == 6
+
+
+def test_default_space_uses_the_backend_registry() -> None:
+    spec = load_space(None, Config(), tuple(BACKENDS))
+    p = {x.key: x for x in spec.params}
+    assert p["backend.name"].values == tuple(BACKENDS)  # vae/gan appear once registered
+    assert spec.search == "grid" and spec.metric == "val_accuracy"
+    assert default_space(["a"])["space"]["backend.name"] == {"grid": ["a"]}
+
+
+@pytest.mark.parametrize(("space", "needle"), [
+    ({"select.treshold": {"grid": [0.9]}}, "unknown config key 'select.treshold'; valid keys:"),
+    ({"select.threshold": {"grid": [0.9, 1.5]}}, "select.threshold=1.5: must be in [0.0, 1.0]"),
+    ({"backend.name": {"grid": ["gmm", "magic"]}}, "backend.name='magic': unknown backend"),
+    ({"train.lambda_u": {"uniform": [2.0, 0.5]}}, "train.lambda_u: uniform needs low < high"),
+    ({"train.lambda_u": {"uniform": [-1.0, 0.5]}}, "train.lambda_u=-1.0: must be in [0.0, inf]"),
+    ({"train.lr": {"loguniform": [0, 0.1]}}, "train.lr: loguniform needs low > 0"),
+    ({"train.hidden": {"uniform": [8, 64]}}, "train.hidden: uniform needs a float key"),
+    ({"train.epochs": {"randint": [0, 3]}}, "train.epochs=0: must be in [1, inf]"),
+    ({"train.lambda_u": {"normal": [0, 1]}}, "train.lambda_u: expected one of {grid, choice"),
+    ({"select.threshold": {"grid": []}}, "select.threshold: grid needs a non-empty list"),
+    ({"select.threshold": {"grid": [0.9, 0.9]}}, "select.threshold: grid lists a value twice"),
+    ({"data": {"grid": [1]}}, "data is a section"),
+])
+def test_bad_space_names_the_key(space: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_space({"space": space}, Config(), tuple(BACKENDS))
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ({"metric": "test_accuracy"}, "never on test"),
+    ({"search": "bayes"}, "search='bayes': must be one of grid, random, optuna"),
+    ({"num_samples": 0}, "num_samples=0"),
+    ({"asha": {"grace": 1}}, "asha: unknown key(s) grace"),
+    ({"spaces": {}}, "unknown top-level key(s) spaces"),
+])
+def test_bad_search_settings_are_refused(raw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_space({"space": {"select.threshold": 0.9}, **raw}, Config(), tuple(BACKENDS))
+    assert needle in str(e.value)
+
+
+JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(JOB_CONFIGS.glob("tune-space-*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_space_files_parse(path: Path) -> None:
+    spec = load_space(path, load_config(JOB_CONFIGS / "tune-digits.yaml"), tuple(BACKENDS))
+    assert spec.metric == "val_accuracy" and spec.params
+
+
+def test_prefit_lists_each_upstream_setting_once() -> None:
+    spec = parse_space(EXAMPLE, Config(), tuple(BACKENDS))
+    pre = prefit_overrides(spec)
+    # thresholds never need a fit; ranges can't be listed; grid × choice × fixed can
+    assert pre == [{"backend.name": b, "backend.gmm.pca_dim": d, "train.epochs": 3}
+                   for b in ("gmm", "self") for d in (8, 16)]
+    only_thresholds = parse_space({"space": {"select.threshold": {"grid": [0.5, 0.9]}}},
+                                  Config())
+    assert prefit_overrides(only_thresholds) == [{}]
+
+
+def test_cli_tune_fails_fast_on_a_bad_space(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("space:\n  select.threshold: {grid: [0.9, 2]}\n")
+    t0 = time.perf_counter()
+    assert main(["tune", "--space", str(space), "--out", str(tmp_path / "o")]) == 2
+    assert "select.threshold=2.0: must be in [0.0, 1.0]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written, no search started
+    assert time.perf_counter() - t0 < 30
+
+
+def test_a_different_search_in_the_same_out_is_refused(tmp_path: Path) -> None:
+    from raysl.distributed.tune import _check_same_search
+
+    spec = parse_space({"space": {"select.threshold": {"grid": [0.8, 0.9]}}}, Config())
+    assert _check_same_search(tmp_path / "search.json", spec, Config()) is False
+    assert _check_same_search(tmp_path / "search.json", spec, Config()) is True
+    # where Ray runs is not part of the search; what it computes is
+    moved = apply_overrides(Config(), {"ray.num_cpus": 2})
+    assert _check_same_search(tmp_path / "search.json", spec, moved) is True
+    with pytest.raises(ConfigError, match="holds a different search"):
+        _check_same_search(tmp_path / "search.json", spec,
+                           apply_overrides(Config(), {"train.epochs": 3}))
+
+
+# -- ranking and the report (no Ray) --------------------------------------------------------
+
+def _rec(tid: str, val: float, test: float, backend: str = "gmm", t: float = 0.9,
+         status: str = "done") -> TrialRecord:
+    m = {"val_accuracy": val, "test_accuracy": test, "precision": 0.9, "coverage": t / 2,
+         "n_selected": 10, "epochs": 2, "seconds": 3.0, "backend": backend, "threshold": t,
+         "final": status == "done"}
+    return TrialRecord(tid, {"backend.name": backend, "select.threshold": t}, status, m)
+
+
+def test_best_is_chosen_on_validation_never_test() -> None:
+    recs = [_rec("a", 0.80, 0.99), _rec("b", 0.90, 0.70), _rec("c", 0.90, 0.95),
+            _rec("d", 0.99, 0.99, status="stopped early")]
+    assert best(recs).trial_id == "b"  # highest val; the tie with c goes to trial order
+    assert [r.trial_id for r in rank(recs)] == ["b", "c", "a", "d"]
+    assert best([_rec("d", 0.9, 0.9, status="stopped early")]) is None
+
+
+def test_report_writes_table_plots_best_and_links(tmp_path: Path) -> None:
+    recs = [_rec(f"t{i}", 0.5 + i / 20, 0.5, b, t)
+            for i, (b, t) in enumerate((b, t) for b in ("gmm", "self") for t in (0.8, 0.95))]
+    recs.append(TrialRecord("t9", {"backend.name": "gmm", "select.threshold": 0.5}, "error",
+                            {}, "RuntimeError: boom\ntraceback"))
+    spec = parse_space(default_space(["gmm", "self"]), Config())
+    best_cfg = apply_overrides(Config(), recs[3].config)
+    table = write_report(tmp_path, recs, ReportInputs(spec, Config(), best_cfg, "/x/shared/k",
+                                                      12.0, n_val=50, n_test=359))
+    assert table.splitlines()[2].startswith("*  t3")  # the best first, marked
+    for f in ("trials.csv", "trials.md", "best.yaml", "report.md",
+              "plots/accuracy_vs_threshold.png", "plots/precision_coverage_vs_threshold.png"):
+        assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert len(rows) == 5 and rows[0]["trial_id"] == "t3" and rows[-1]["status"] == "error"
+    assert math.isclose(float(rows[0]["val_accuracy"]), 0.65)
+    report = (tmp_path / "report.md").read_text()
+    for link in ("(best.yaml)", "(trials.csv)", "(plots/accuracy_vs_threshold.png)",
+                 "(plots/precision_coverage_vs_threshold.png)", "--out /x/shared/k"):
+        assert link in report
+    assert load_config(tmp_path / "best.yaml") == best_cfg
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# -- real searches on Ray -------------------------------------------------------------------
+
+def _tiny(extra: dict | None = None) -> Config:
+    return apply_overrides(Config(), {
+        "train.epochs": 2, "train.num_workers": 1, "train.cpus_per_worker": 0.45,
+        "backend.gmm.max_iter": 5, **(extra or {})})
+
+
+def _space(tmp: Path, thresholds: list[float], backends: list[str], concurrency: int) -> Path:
+    p = tmp / "space.yaml"
+    p.write_text(yaml.safe_dump({
+        "search": "grid", "max_concurrent_trials": concurrency,
+        "space": {"select.threshold": {"grid": thresholds}, "backend.name": {"grid": backends}},
+    }))
+    return p
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session, tmp_path_factory):
+    from raysl.distributed.tune import tune
+
+    tmp = tmp_path_factory.mktemp("tune")
+    lines: list[str] = []
+    outcome = tune(_tiny(), _space(tmp, [0.5, 0.95], ["gmm", "self"], 2), tmp / "out",
+                   log=lines.append)
+    return outcome, lines
+
+
+@pytest.mark.ray
+def test_thresholds_times_backends_cost_one_fit_per_backend(searched) -> None:
+    outcome, lines = searched
+    out = outcome.out
+    assert len(outcome.records) == 4 and all(r.complete for r in outcome.records)
+    # one fit per backend, by the driver, before the trials ...
+    assert outcome.backend_fits == 2
+    assert sorted(p.name.split("-")[1] for p in out.glob("shared/*/cache/proba-*.npz")) \
+        == ["gmm", "self"]
+    # ... and every trial read the cache instead of fitting
+    assert all(r.metrics["backend_cached"] is True for r in outcome.records)
+    # thresholds do change what is selected from the same probabilities
+    cov = {(r.config["backend.name"], r.config["select.threshold"]): r.metrics["coverage"]
+           for r in outcome.records}
+    assert cov[("gmm", 0.5)] > cov[("gmm", 0.95)]
+    assert any("started" in s for s in lines) and any(" done (" in s for s in lines)
+    assert outcome.table in "\n".join(lines)
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4 and rows[0]["trial_id"] == outcome.best.trial_id
+    for f in ("trials.md", "best.yaml", "report.md", "plots/accuracy_vs_threshold.png",
+              "plots/precision_coverage_vs_threshold.png"):
+        assert (out / f).is_file(), f
+
+
+@pytest.mark.ray
+def test_best_config_replays_to_the_same_result(searched) -> None:
+    outcome, _ = searched
+    top = outcome.best
+    assert top is not None
+    assert top.metrics["val_accuracy"] == max(r.metrics["val_accuracy"]
+                                              for r in outcome.records)
+    cfg = load_config(outcome.out / "best.yaml")
+    assert cfg == outcome.best_config
+    m = pipeline.run(cfg, outcome.replay_out, log=lambda s: None)
+    assert m["baseline"]["cached"] and m["pseudo_labels"]["cached"]  # the trial's own inputs
+    assert m["joint"]["cached"] is False  # the joint model was trained again ...
+    # ... to the same result (CPU training is deterministic)
+    assert m["joint"]["val_accuracy"] == top.metrics["val_accuracy"]
+    assert m["joint"]["test_accuracy"] == top.metrics["test_accuracy"]
+    assert m["pseudo_labels"]["coverage"] == top.metrics["coverage"]
+
+
+@pytest.mark.ray
+def test_killed_search_resumes_when_run_again(ray_session, tmp_path: Path) -> None:
+    import ray
+
+    from raysl.distributed.tune import tune
+
+    out = tmp_path / "out"
+    # the subprocess joins this session's Ray (no second Ray on 2 cores); concurrency 1 makes
+    # the trial order deterministic: one finishes, the next is killed mid-training
+    cfg = _tiny({"train.epochs": 6, "ray.address": ray.get_runtime_context().gcs_address})
+    (tmp_path / "cfg.yaml").write_text(dump_yaml(cfg))
+    space = _space(tmp_path, [0.5, 0.95], ["gmm"], 1)
+    proc = subprocess.Popen([sys.executable, "-m", "raysl.cli", "tune", "--config",
+                             str(tmp_path / "cfg.yaml"), "--space", str(space), "--out",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def interrupted() -> bool:  # one trial done, another with >= 2 checkpoints, not done
+        done = list(out.glob("trials/*/result.json"))
+        return len(done) == 1 and any(
+            len(list(d.glob("ray/*/checkpoint_*"))) >= 2 and not (d / "result.json").exists()
+            for d in out.glob("trials/*"))
+
+    deadline = time.time() + 240
+    while not interrupted():
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        assert time.time() < deadline, "no trial finished within 240 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = next(out.glob("trials/*/result.json")).parent.name
+    before = sorted(p.name for p in out.glob("trials/*"))
+    assert not (out / "report.md").exists()
+
+    outcome = tune(cfg, space, out, log=lambda s: None)
+    assert outcome.resumed  # Tuner.restore, not a new search
+    assert sorted(r.trial_id for r in outcome.records) == sorted(
+        p.name for p in out.glob("trials/*"))
+    assert len(outcome.records) == 2 and all(r.complete for r in outcome.records)
+    assert set(before) <= {r.trial_id for r in outcome.records}  # the same trials, continued
+    # the finished trial was not trained again; the interrupted one continued from its
+    # checkpoint instead of starting over
+    logs = {r.trial_id: (out / "trials" / r.trial_id / "log.txt").read_text()
+            for r in outcome.records}
+    assert logs[finished].count("[joint] training") == 1
+    other = next(r for r in outcome.records if r.trial_id != finished)
+    assert other.metrics["resumed_from_epoch"] >= 0
+    assert other.metrics["epochs"] == 6
+    assert outcome.backend_fits == 0  # the gmm fit was cached by the killed run
+    assert (out / "best.yaml").is_file() and not list(out.rglob("*.tmp"))
