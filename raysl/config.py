@@ -45,11 +45,11 @@ class GMMConfig:
 class VAEConfig:
     """Semi-supervised VAE (Kingma et al. 2014, M2, optionally on M1 features), FedAvg rounds."""
 
-    rounds: int = 12  # FedAvg rounds: local training on every shard, then weight averaging
+    rounds: int = 20  # FedAvg rounds: local training on every shard, then weight averaging
     local_epochs: int = 2  # passes over the shard's unlabeled rows per round
     batch_size: int = 64  # unlabeled rows per step (each step also draws a labeled batch)
     labeled_batch_size: int = 32
-    lr: float = 1e-3  # Adam
+    lr: float = 2e-3  # Adam; constant for half the rounds, then linear decay
     alpha: float = 20.0  # weight of the labeled rows' classification term
     latent_dim: int = 16  # z of M2
     m1_dim: int = 32  # latent size of the M1 VAE that M2 is stacked on; 0: M2 on the inputs
@@ -60,11 +60,11 @@ class VAEConfig:
 class GANConfig:
     """Semi-supervised GAN (Salimans et al. 2016): K+1-class discriminator, feature matching."""
 
-    rounds: int = 12
-    local_epochs: int = 2
+    rounds: int = 30
+    local_epochs: int = 1
     batch_size: int = 64  # unlabeled (and generated) rows per step
     labeled_batch_size: int = 32
-    lr: float = 1e-3  # Adam, both networks
+    lr: float = 1e-3  # Adam, both networks; constant for half the rounds, then linear decay
     noise_dim: int = 64  # generator input
     hidden: int = 256
 
@@ -109,6 +109,8 @@ class TrainConfig:
     ema: float = 0.0  # EMA teacher decay (e.g. 0.999): evaluates, labels, is the result; 0 off
     offline: str = "targets"  # backend pseudo-labels with fixmatch: targets (extra weighted
     # CE rows, as without fixmatch) or none (ignored)
+    init: str = "torch"  # initial weights: torch (layer defaults) or he (Kaiming normal: no
+    # plateau at chance in the first hundreds of steps; raysl.models.he_init)
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "train.threshold_mode": ("fixed", "flexmatch", "freematch"),
     "train.ema": (0.0, 0.99999),
     "train.offline": ("targets", "none"),
+    "train.init": ("torch", "he"),
     "ray.num_cpus": (0, None),
 }
 

@@ -164,7 +164,8 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                      classifier_state if b.name == "self" else None)
     key = _key(b.name, asdict(backend_section(b)) if backend_section(b) else None, split.key,
                cfg.data.n_shards, cfg.train.hidden,
-               classifier_state if b.name == "self" else None)
+               classifier_state if b.name == "self" else None,
+               *(["calibrated"] if b.calibrate else []))  # old keys stay valid when off
     path = out / "cache" / f"proba-{b.name}-{key}.npz"
     if path.is_file():
         with np.load(path) as f:
@@ -196,6 +197,17 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
 
         ex = LocalExecutor([ShardWorker(factory, b, ctx, s) for s in shards])
         res = fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress)
+    if b.calibrate and len(split.y_val):
+        # Temperature scaling on the validation split: the fitted backend predicts x_val on
+        # the driver; the argmax labels don't change, the confidences do.
+        from raysl.calibration import apply_temperature, fit_temperature
+
+        labeler = factory(b, ctx)
+        labeler.load_state_dict(res.state)
+        temperature = fit_temperature(labeler.predict_proba(split.x_val), split.y_val)
+        res.proba = apply_temperature(res.proba, temperature)
+        log(f"[pseudo-label] temperature scaling on {len(split.y_val)} validation rows: "
+            f"T={temperature:.3g}")
     log(f"[pseudo-label] {b.name}: {res.rounds} round(s) in {res.seconds:.1f}s on "
         f"{nodes} node(s)")
     obj = np.asarray(res.objective, np.float64)
@@ -241,8 +253,11 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
     # Keyed by the selection's content, so `raysl train` after `raysl pseudo-label` finds the
     # same cached result as `raysl run`.
     sel_key = _key({"labels": sel.labels, "mask": m.astype(np.uint8), "conf": sel.conf})
+    # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
+    online = {"x_u": split.x_u, "y_u": split.y_u} if cfg.train.fixmatch else {}
     data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
-                     sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u))
+                     sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
+                     **online)
     return train_stage("joint", split, cfg, out, data,
                        _key("joint", split.key, asdict(cfg.train), sel_key), log, **train_kwargs)
 
