@@ -20,6 +20,18 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module: small models train faster, and results don't depend on
+    the machine's core count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_config() -> Config:
     """digits, a few epochs, 2 DDP workers at 0.5 CPU: the whole pipeline in ~1 minute."""

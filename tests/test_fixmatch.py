@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -40,12 +39,7 @@ CFG = TrainConfig(epochs=2, batch_size=8, mu=2, lr=0.05, hidden=16, num_workers=
                   fixmatch=True, fixmatch_threshold=0.34)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(**kw: object) -> TrainConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,12 +32,7 @@ ID_SCALE = 1e-4
 CFG = TrainConfig(epochs=2, batch_size=8, mu=2, lr=0.05, hidden=32, num_workers=0, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(input_shape: tuple[int, ...], n_p: int = 60, n_l: int = 30, n_u: int = 200,
