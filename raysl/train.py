@@ -282,4 +282,5 @@ def state_to_numpy(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def state_from_numpy(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    # A copy: arrays from Ray's object store are read-only, which torch warns about.
+    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
