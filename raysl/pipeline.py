@@ -45,7 +45,7 @@ from raysl.train import TrainData, accuracy, state_from_numpy
 Log = Callable[[str], None]
 
 
-def _key(*parts: Any) -> str:
+def cache_key(*parts: Any) -> str:
     h = hashlib.sha256()
     for p in parts:
         if isinstance(p, dict) and p and all(isinstance(v, np.ndarray) for v in p.values()):
@@ -57,12 +57,12 @@ def _key(*parts: Any) -> str:
     return h.hexdigest()[:12]
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf -> None, so metrics.json is strict JSON."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, float | np.floating):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -132,7 +132,7 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
         "nodes": len(set(outcome.nodes)),
         "history": outcome.history,
     }
-    write_json(record_path, _finite(record))  # last: its presence marks the stage done
+    write_json(record_path, json_safe(record))  # last: its presence marks the stage done
     record["cached"] = False
     return record
 
@@ -150,7 +150,7 @@ def baseline(split: Split, cfg: Config, out: Path, log: Log,
     data = TrainData(split.x_l, split.y_l, *_empty_pseudo(split), split.x_val, split.y_val,
                      len(split.x_u))
     return train_stage("baseline", split, replace(cfg, train=tcfg), out, data,
-                       _key("baseline", split.key, asdict(tcfg)), log, **train_kwargs)
+                       cache_key("baseline", split.key, asdict(tcfg)), log, **train_kwargs)
 
 
 # -- stage 2: backends ----------------------------------------------------------------------
@@ -162,7 +162,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     b = cfg.backend
     ctx = FitContext(split.n_classes, split.input_shape, cfg.data.seed, cfg.train.hidden,
                      classifier_state if b.name == "self" else None)
-    key = _key(b.name, asdict(backend_section(b)) if backend_section(b) else None, split.key,
+    key = cache_key(b.name, asdict(backend_section(b)) if backend_section(b) else None, split.key,
                cfg.data.n_shards, cfg.train.hidden,
                classifier_state if b.name == "self" else None,
                *(["calibrated"] if b.calibrate else []))  # old keys stay valid when off
@@ -252,19 +252,21 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
     m = sel.mask
     # Keyed by the selection's content, so `raysl train` after `raysl pseudo-label` finds the
     # same cached result as `raysl run`.
-    sel_key = _key({"labels": sel.labels, "mask": m.astype(np.uint8), "conf": sel.conf})
+    sel_key = cache_key({"labels": sel.labels, "mask": m.astype(np.uint8), "conf": sel.conf})
     # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
     online = {"x_u": split.x_u, "y_u": split.y_u} if cfg.train.fixmatch else {}
     data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
                      **online)
-    return train_stage("joint", split, cfg, out, data,
-                       _key("joint", split.key, asdict(cfg.train), sel_key), log, **train_kwargs)
+    key = cache_key("joint", split.key, asdict(cfg.train), sel_key)
+    return train_stage("joint", split, cfg, out, data, key, log, **train_kwargs)
 
 
 # -- the whole thing ------------------------------------------------------------------------
 
-def _selection(split: Split, cfg: Config, proba: np.ndarray) -> tuple[Selection, dict]:
+def selection(split: Split, cfg: Config, proba: np.ndarray) -> tuple[Selection, dict]:
+    """Apply ``cfg.select`` to the backend's probabilities (n_u, C); returns the selection and
+    its metrics (precision/coverage against the known true labels, ECE, per-class counts)."""
     s = cfg.select
     sel = select(proba, s.criterion, s.threshold, s.k_best)
     m = pseudo_label_metrics(sel, split.y_u)
@@ -301,9 +303,9 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
             base = baseline(split, cfg, out, log)
             metrics["baseline"] = {k: base[k] for k in ("test_accuracy", "val_accuracy",
                                                         "seconds", "nodes", "cached")}
-            classifier = _load_state(out / "baseline" / "model.pt")
+            classifier = load_state(out / "baseline" / "model.pt")
             pl = pseudo_label(split, cfg, out, classifier, log)
-            sel, plm = _selection(split, cfg, pl["proba"])
+            sel, plm = selection(split, cfg, pl["proba"])
             plm.update(fit_seconds=pl["seconds"], rounds=pl["rounds"], nodes=pl["nodes"],
                        cached=pl["cached"])
             metrics["pseudo_labels"] = plm
@@ -324,12 +326,12 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
 
             ray.shutdown()
     metrics["wall_seconds"] = time.perf_counter() - t0
-    write_json(out / "metrics.json", _finite(metrics))
+    write_json(out / "metrics.json", json_safe(metrics))
     log(summary(metrics, out))
     return metrics
 
 
-def _load_state(path: Path) -> dict[str, np.ndarray]:
+def load_state(path: Path) -> dict[str, np.ndarray]:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.numpy() for k, v in saved["model"].items()}
 

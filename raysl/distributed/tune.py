@@ -76,7 +76,7 @@ def shared_dir(root: Path, cfg: Config) -> Path:
     """The pipeline output dir holding the baseline and backend caches a trial with ``cfg``
     uses. One per distinct baseline: the data config and the training config without
     ``lambda_u`` (which the baseline zeroes), exactly what the baseline stage depends on."""
-    key = pipeline._key(asdict(cfg.data), asdict(replace(cfg.train, lambda_u=0.0)))
+    key = pipeline.cache_key(asdict(cfg.data), asdict(replace(cfg.train, lambda_u=0.0)))
     return root / "shared" / key
 
 
@@ -97,7 +97,7 @@ def _upstream(cfg: Config, root: Path, log: Log, split: Split | None = None,
     split = split if split is not None else pipeline.check(cfg)
     sdir = shared_dir(root, cfg)
     base = pipeline.baseline(split, cfg, sdir, log, **train_kwargs)
-    state = pipeline._load_state(sdir / "baseline" / "model.pt")
+    state = pipeline.load_state(sdir / "baseline" / "model.pt")
     pl = pipeline.pseudo_label(split, cfg, sdir, state, log, use_ray=use_ray)
     return split, base, pl, sdir
 
@@ -136,7 +136,7 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
     # directory (both write the same result, atomically).
     split, base_rec, pl, _ = _upstream(cfg, Path(root), log, use_ray=False, verbose=False,
                                        run_name=f"baseline-{trial_id}")
-    sel, plm = pipeline._selection(split, cfg, pl["proba"])
+    sel, plm = pipeline.selection(split, cfg, pl["proba"])
     j = pipeline.joint(split, cfg, tdir, sel, log, callbacks=[TuneReportCallback()],
                        run_name=f"train-{trial_id}", verbose=False)
     final = {
@@ -151,7 +151,7 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
         "backend_cached": pl["cached"], "fit_seconds": pl["seconds"],
         "seconds": time.perf_counter() - t0,
     }
-    write_json(tdir / "result.json", pipeline._finite(final))
+    write_json(tdir / "result.json", pipeline.json_safe(final))
     log(f"done: val {j['val_accuracy']:.4f} test {j['test_accuracy']:.4f}")
     tune.report(final)
 
