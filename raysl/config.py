@@ -75,6 +75,9 @@ class BackendConfig:
     actor_cpus: float = 0.5  # fractional, so actors fit beside each other on small machines
     # temperature-scale the probabilities on the validation split (argmax labels unchanged)
     calibrate: bool = False
+    # Iterative self-training: rounds > 1 re-label the unlabeled pool with the last joint model
+    # (as the `self` backend, same selection) and train the joint model again, each round.
+    relabel_rounds: int = 1
     gmm: GMMConfig = field(default_factory=GMMConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     gan: GANConfig = field(default_factory=GANConfig)
@@ -141,6 +144,7 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "data.test_fraction": (0.05, 0.9),
     "data.n_shards": (1, None),
     "backend.actor_cpus": (0.01, None),
+    "backend.relabel_rounds": (1, None),
     "backend.gmm.components_per_class": (1, None),
     "backend.gmm.pca_dim": (0, None),
     "backend.gmm.reg_covar": (1e-9, None),

@@ -246,9 +246,10 @@ def read_pseudo_labels(path: Path, split: Split) -> tuple[Selection, str]:
 
 
 def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
-          **train_kwargs: Any) -> dict[str, Any]:
-    """Stage 4: labeled CE + lambda_u × confidence-weighted CE on the kept pseudo-labels.
-    ``train_kwargs``: ``callbacks``, ``run_name``, ``verbose`` of :func:`train_stage`."""
+          stage: str = "joint", **train_kwargs: Any) -> dict[str, Any]:
+    """Stage 4: labeled CE + lambda_u × confidence-weighted CE on the kept pseudo-labels,
+    into ``out/<stage>/``. ``train_kwargs``: ``callbacks``, ``run_name``, ``verbose`` of
+    :func:`train_stage`."""
     m = sel.mask
     # Keyed by the selection's content, so `raysl train` after `raysl pseudo-label` finds the
     # same cached result as `raysl run`.
@@ -259,7 +260,24 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
                      **online)
     key = cache_key("joint", split.key, asdict(cfg.train), sel_key)
-    return train_stage("joint", split, cfg, out, data, key, log, **train_kwargs)
+    return train_stage(stage, split, cfg, out, data, key, log, **train_kwargs)
+
+
+def relabel_rounds(split: Split, cfg: Config, out: Path, log: Log) -> tuple[str, list[dict]]:
+    """Rounds 2.. of iterative self-training: the previous round's joint model re-labels the
+    unlabeled pool (the `self` backend, ``cfg.select``), and the joint model is trained again
+    into ``out/joint-<round>/``. Returns the last round's stage name and one record per round."""
+    relabel = replace(cfg, backend=replace(cfg.backend, name="self"))
+    last, records = "joint", []
+    for r in range(2, cfg.backend.relabel_rounds + 1):
+        pl = pseudo_label(split, relabel, out, load_state(out / last / "model.pt"), log)
+        sel, plm = selection(split, relabel, pl["proba"])
+        log(f"[relabel {r}] {plm['n_selected']} rows kept, precision {_pct(plm['precision'])}")
+        last = f"joint-{r}"
+        j = joint(split, cfg, out, sel, log, stage=last)
+        records.append({"round": r, "pseudo_labels": plm, "test_accuracy": j["test_accuracy"],
+                        "val_accuracy": j["val_accuracy"], "cached": j["cached"]})
+    return last, records
 
 
 # -- the whole thing ------------------------------------------------------------------------
@@ -318,8 +336,14 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
             metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds",
                                                   "epochs", "resumed_from_epoch", "nodes",
                                                   "cached")}
+            last, rounds = relabel_rounds(split, cfg, out, log)
+            if rounds:
+                metrics["relabel"] = rounds
+                metrics["joint"].update({k: rounds[-1][k] for k in ("test_accuracy",
+                                                                     "val_accuracy")})
+                metrics["joint"]["first_round_test_accuracy"] = j["test_accuracy"]
             write_with(out / "model.pt",
-                       lambda p: p.write_bytes((out / "joint" / "model.pt").read_bytes()))
+                       lambda p: p.write_bytes((out / last / "model.pt").read_bytes()))
     finally:
         if started:
             import ray
@@ -358,8 +382,11 @@ def summary(m: dict[str, Any], out: Path) -> str:
         if "ece" in p:
             rows.append(("", "calibration error (ECE)", f"{p['ece']:.3f}"))
     if "joint" in m:
-        rows.append(("joint (labeled + pseudo)", "test accuracy",
-                     _pct(m["joint"]["test_accuracy"])))
+        first = m["joint"].get("first_round_test_accuracy", m["joint"]["test_accuracy"])
+        rows.append(("joint (labeled + pseudo)", "test accuracy", _pct(first)))
+    for r in m.get("relabel", []):  # the last of these is the final model
+        rows.append((f"re-label round {r['round']} (self)", "test accuracy",
+                     _pct(r["test_accuracy"])))
     w = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
     lines = ["", f"{'stage':<{w[0]}}  {'metric':<{w[1]}}  value", "-" * (sum(w) + 10)]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]

@@ -155,3 +155,29 @@ def test_run_end_to_end_writes_sane_outputs_and_resumes(tiny_config: Config,
     assert not m2["joint"]["cached"]
     assert m2["pseudo_labels"]["n_selected"] <= p["n_selected"]
     assert yaml.safe_load((out / "config.yaml").read_text())["select"]["threshold"] == 0.999
+
+
+def test_relabel_rounds_retrain_from_the_last_joint_model(tiny_config: Config,
+                                                          tmp_path: Path) -> None:
+    """backend.relabel_rounds=2: the first joint model re-labels the pool (as `self`) and a
+    second joint model is trained; it is the final model, and rerunning finds it cached."""
+    cfg = apply_overrides(tiny_config, {"backend.relabel_rounds": 2})
+    out = tmp_path / "run"
+    m = pipeline.run(cfg, out, log=lambda s: None)
+    assert [r["round"] for r in m["relabel"]] == [2]
+    r2 = m["relabel"][0]
+    assert r2["pseudo_labels"]["backend"] == "self"
+    assert (out / "joint" / "model.pt").is_file() and (out / "joint-2" / "model.pt").is_file()
+    assert (out / "model.pt").read_bytes() == (out / "joint-2" / "model.pt").read_bytes()
+    assert m["joint"]["test_accuracy"] == r2["test_accuracy"]
+    # the re-labelled pool is the first joint model's predictions, not the gmm's
+    gmm_cache = list((out / "cache").glob("proba-gmm-*.npz"))
+    self_cache = list((out / "cache").glob("proba-self-*.npz"))
+    assert len(gmm_cache) == 1 and len(self_cache) == 1
+    model = pipeline.load_model(out / "joint" / "model.pt")
+    split = pipeline.check(cfg)
+    with torch.no_grad():
+        pred = torch.softmax(model(torch.from_numpy(split.x_u)), 1).numpy()
+    np.testing.assert_allclose(np.load(self_cache[0])["proba"], pred, atol=1e-5)
+    again = pipeline.run(cfg, out, log=lambda s: None)
+    assert again["relabel"][0]["cached"] and again["joint"]["test_accuracy"] == r2["test_accuracy"]
