@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from raysl.backends import BACKENDS, FitContext, backend_section
-from raysl.backends.base import Shard, fit
+from raysl.backends.base import FitResult, LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, dump_yaml
 from raysl.data import Split, load_dataset, make_split, shard
 from raysl.errors import ConfigError
@@ -155,6 +155,26 @@ def baseline(split: Split, cfg: Config, out: Path, log: Log,
 
 # -- stage 2: backends ----------------------------------------------------------------------
 
+def fit_backend(split: Split, cfg: Config, ctx: FitContext, use_ray: bool,
+                progress: Callable[[int, float], None] | None = None) -> tuple[FitResult, int]:
+    """Fit ``cfg.backend`` over ``cfg.data.n_shards`` unlabeled shards: one Ray actor per shard
+    (``use_ray``) or a loop in this process, with the same result. Returns the fit and the
+    number of Ray nodes the shards ran on."""
+    b = cfg.backend
+    factory = BACKENDS[b.name]
+    shards = [Shard(x, split.x_l, split.y_l, i)
+              for i, x in enumerate(shard(split.x_u, cfg.data.n_shards))]
+    if use_ray:
+        from raysl.distributed.actors import RayExecutor
+
+        gpus = 1.0 if cfg.train.use_gpu else 0.0
+        with RayExecutor(factory, b, ctx, shards, b.actor_cpus, gpus) as ex:
+            nodes = len(set(ex.node_ids()))
+            return fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress), nodes
+    local = LocalExecutor([ShardWorker(factory, b, ctx, s) for s in shards])
+    return fit(factory(b, ctx), local, split.x_l, split.y_l, progress=progress), 1
+
+
 def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[str, Any],
                  log: Log, use_ray: bool = True) -> dict[str, Any]:
     """Stage 2: fit the backend over the unlabeled shards (Ray actors, or a local loop) and
@@ -173,10 +193,8 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             return {"proba": f["proba"], "key": key, "seconds": float(f["seconds"]),
                     "rounds": int(f["rounds"]), "objective": f["objective"].tolist(),
                     "nodes": int(f["nodes"]), "cached": True}
-    shards = [Shard(x, split.x_l, split.y_l, i)
-              for i, x in enumerate(shard(split.x_u, cfg.data.n_shards))]
     factory = BACKENDS[b.name]
-    log(f"[pseudo-label] fitting {b.name} over {len(shards)} shard(s) of "
+    log(f"[pseudo-label] fitting {b.name} over {cfg.data.n_shards} shard(s) of "
         f"{len(split.x_u)} unlabeled rows" + (" with Ray actors" if use_ray else ""))
 
     def progress(rnd: int, obj: float) -> None:
@@ -184,19 +202,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             log(f"[pseudo-label] round {rnd}: " + (f"objective {obj:.6g}" if math.isfinite(obj)
                                                   else "set-up (no objective yet)"))
 
-    if use_ray:
-        from raysl.distributed.actors import RayExecutor
-
-        gpus = 1.0 if cfg.train.use_gpu else 0.0
-        with RayExecutor(factory, b, ctx, shards, b.actor_cpus, gpus) as ex:
-            nodes = len(set(ex.node_ids()))
-            res = fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress)
-    else:
-        nodes = 1
-        from raysl.backends.base import LocalExecutor, ShardWorker
-
-        ex = LocalExecutor([ShardWorker(factory, b, ctx, s) for s in shards])
-        res = fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress)
+    res, nodes = fit_backend(split, cfg, ctx, use_ray, progress)
     if b.calibrate and len(split.y_val):
         # Temperature scaling on the validation split: the fitted backend predicts x_val on
         # the driver; the argmax labels don't change, the confidences do.

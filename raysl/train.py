@@ -136,6 +136,18 @@ def _thresholds(cfg: TrainConfig, state: dict[str, Tensor], probs: Tensor,
     return tau
 
 
+def _rank_rows(n: int, steps: int, cfg: TrainConfig, epoch: int, rank: int, world_size: int,
+               keys: tuple[int, int]) -> np.ndarray:
+    """Row indices (steps, mu × batch_size) into ``n`` rows for this rank: the same
+    permutation on every rank, then a rank-strided share (as a DistributedSampler), cycled when
+    there are few rows. ``keys`` name the generators (shared permutation, lone-rank fallback),
+    so each stream of rows is independent of the others."""
+    perm = _rng(cfg.seed, epoch, keys[0]).permutation(n)[rank::world_size]
+    if len(perm) == 0:  # fewer rows than ranks
+        perm = _rng(cfg.seed, epoch, rank, keys[1]).integers(0, n, 1)
+    return np.resize(perm, steps * cfg.mu * cfg.batch_size).reshape(steps, -1)
+
+
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
               epoch: int, rank: int = 0, world_size: int = 1,
               device: torch.device | str = "cpu",
@@ -157,22 +169,14 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
     use_p = (cfg.lambda_u > 0 and len(data.y_p) > 0
              and not (cfg.fixmatch and cfg.offline == "none"))
     if use_p:
-        # The same permutation on every rank, then a rank-strided share (DistributedSampler).
-        perm = _rng(cfg.seed, epoch, 1).permutation(len(data.y_p))[rank::world_size]
-        if len(perm) == 0:
-            perm = _rng(cfg.seed, epoch, rank, 2).integers(0, len(data.y_p), 1)
-        need = steps * cfg.mu * cfg.batch_size
-        idx_p = np.resize(perm, need).reshape(steps, -1)  # cycles when there are few rows
+        idx_p = _rank_rows(len(data.y_p), steps, cfg, epoch, rank, world_size, keys=(1, 2))
     use_u = cfg.fixmatch and cfg.lambda_u > 0 and data.x_u is not None and len(data.x_u) > 0
     if cfg.fixmatch:
         # Augmentations from their own generator: a redone epoch sees the same views.
         gen = torch.Generator().manual_seed(int(_rng(cfg.seed, epoch, rank, 4).integers(2**62)))
     if use_u:
         assert data.x_u is not None
-        perm_u = _rng(cfg.seed, epoch, 3).permutation(len(data.x_u))[rank::world_size]
-        if len(perm_u) == 0:
-            perm_u = _rng(cfg.seed, epoch, rank, 5).integers(0, len(data.x_u), 1)
-        idx_u = np.resize(perm_u, steps * cfg.mu * cfg.batch_size).reshape(steps, -1)
+        idx_u = _rank_rows(len(data.x_u), steps, cfg, epoch, rank, world_size, keys=(3, 5))
         state = ssl_state if ssl_state is not None else {}
         y_u = torch.from_numpy(data.y_u) if data.y_u is not None else None
         # kept, correct among kept, known among kept, correct, known (pseudo-label accuracy)

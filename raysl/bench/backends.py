@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 
 from raysl.backends import BACKENDS, FitContext
-from raysl.backends.base import LocalExecutor, Shard, ShardWorker, fit
 from raysl.calibration import apply_temperature, fit_temperature
 from raysl.config import Config, RayConfig, apply_overrides, parse_set
-from raysl.data import Split, load_dataset, make_split, shard
-from raysl.metrics import expected_calibration_error
+from raysl.data import Split, load_dataset, make_split
+from raysl.metrics import expected_calibration_error, pseudo_label_metrics
 from raysl.select import select
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -48,43 +47,25 @@ class Row:
 def _classifier_state(split: Split, cfg: Config) -> dict[str, np.ndarray]:
     """The initial (labeled-only) classifier that ``self`` labels with, trained in-process
     with the pipeline's stage-1 settings (lambda_u = 0, same budget)."""
-    import torch
+    from raysl.bench.accuracy import train_torch
+    from raysl.train import state_to_numpy
 
-    from raysl.models import build_model
-    from raysl.train import TrainData, make_optimizer, run_epoch, state_to_numpy
-
-    tcfg = replace(cfg.train, lambda_u=0.0)
-    e = np.zeros((0, *split.input_shape), np.float32)
-    data = TrainData(split.x_l, split.y_l, e, np.zeros(0, np.int64), np.zeros(0, np.float32),
-                     split.x_val, split.y_val, len(split.x_u))
-    torch.manual_seed(tcfg.seed)
-    model = build_model(split.input_shape, split.n_classes, tcfg.hidden)
-    opt = make_optimizer(model, tcfg)
-    for epoch in range(tcfg.epochs):
-        run_epoch(model, opt, data, tcfg, epoch)
+    model, _ = train_torch(split, replace(cfg.train, lambda_u=0.0))
     return state_to_numpy(model.state_dict())
 
 
 def fit_backend(name: str, split: Split, cfg: Config, use_ray: bool) -> tuple[float, Any]:
-    """Fit one backend over ``cfg.data.n_shards`` shards; returns (seconds, fitted backend).
-    For ``self`` the seconds include training the initial classifier."""
+    """Fit one backend over ``cfg.data.n_shards`` shards; returns (seconds, (proba, fitted
+    backend)). For ``self`` the seconds include training the initial classifier."""
+    from raysl.pipeline import fit_backend as fit_shards
+
     t0 = time.perf_counter()
-    b = replace(cfg.backend, name=name)
+    cfg = replace(cfg, backend=replace(cfg.backend, name=name))
     state = _classifier_state(split, cfg) if name == "self" else None
     ctx = FitContext(split.n_classes, split.input_shape, cfg.data.seed, cfg.train.hidden, state)
-    factory = BACKENDS[name]
-    shards = [Shard(x, split.x_l, split.y_l, i)
-              for i, x in enumerate(shard(split.x_u, cfg.data.n_shards))]
-    if use_ray:
-        from raysl.distributed.actors import RayExecutor
-
-        with RayExecutor(factory, b, ctx, shards, b.actor_cpus) as ex:
-            res = fit(factory(b, ctx), ex, split.x_l, split.y_l)
-    else:
-        ex = LocalExecutor([ShardWorker(factory, b, ctx, s) for s in shards])
-        res = fit(factory(b, ctx), ex, split.x_l, split.y_l)
+    res, _ = fit_shards(split, cfg, ctx, use_ray)
     seconds = time.perf_counter() - t0
-    labeler = factory(b, ctx)
+    labeler = BACKENDS[name](cfg.backend, ctx)
     labeler.load_state_dict(res.state)
     return seconds, (res.proba, labeler)
 
@@ -105,10 +86,8 @@ def label_spreading(split: Split) -> tuple[float, np.ndarray]:
 
 def at_threshold(proba: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
     """(coverage, precision) of the pseudo-labels kept at confidence > t."""
-    sel = select(proba, "threshold", t)
-    kept = sel.mask
-    prec = float((sel.labels[kept] == y[kept]).mean()) if kept.any() else float("nan")
-    return sel.coverage, prec
+    m = pseudo_label_metrics(select(proba, "threshold", t), y)
+    return m["coverage"], m["precision"]
 
 
 def _pct(x: float) -> str:
