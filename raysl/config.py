@@ -111,9 +111,12 @@ class TrainConfig:
     dist_align: bool = False  # align weak-view probabilities to a uniform class prior
     ema: float = 0.0  # EMA teacher decay (e.g. 0.999): evaluates, labels, is the result; 0 off
     offline: str = "targets"  # backend pseudo-labels with fixmatch: targets (extra weighted
-    # CE rows, as without fixmatch) or none (ignored)
+    # CE rows, as without fixmatch), warm (targets whose weight decays linearly to 0 at half
+    # the steps), prior (multiply the weak-view probabilities by the backend's) or none
     init: str = "torch"  # initial weights: torch (layer defaults) or he (Kaiming normal: no
     # plateau at chance in the first hundreds of steps; raysl.models.he_init)
+    checkpoint_every: int = 1  # Ray Train checkpoint every N epochs (and after the last);
+    # metrics are reported every epoch. A crash redoes at most N epochs.
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,9 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "train.fixmatch_threshold": (0.0, 1.0),
     "train.threshold_mode": ("fixed", "flexmatch", "freematch"),
     "train.ema": (0.0, 0.99999),
-    "train.offline": ("targets", "none"),
+    "train.offline": ("targets", "warm", "prior", "none"),
     "train.init": ("torch", "he"),
+    "train.checkpoint_every": (1, None),
     "ray.num_cpus": (0, None),
 }
 

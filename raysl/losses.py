@@ -53,6 +53,23 @@ def align_distribution(probs: Tensor, p_model: Tensor, p_target: Tensor | None =
     return q / q.sum(dim=1, keepdim=True)
 
 
+def label_prior(labels: Tensor, conf: Tensor, n_classes: int) -> Tensor:
+    """A backend's pseudo-label as a distribution (n, C): ``conf`` (n,) on ``labels`` (n,) and
+    the rest spread evenly over the other classes (all that a stored selection keeps)."""
+    rest = ((1 - conf) / (n_classes - 1)).clamp_min(1e-6)
+    q = rest[:, None].expand(-1, n_classes).clone()
+    q[torch.arange(len(labels)), labels] = conf.clamp_min(1e-6)
+    return q
+
+
+def apply_prior(probs: Tensor, prior: Tensor) -> Tensor:
+    """Product of experts: ``probs × prior`` (n, C) renormalized. A confident pseudo-label
+    needs both the model and the backend to agree; where they disagree the confidence drops
+    below the threshold and the row is skipped."""
+    q = probs * prior
+    return q / q.sum(dim=1, keepdim=True)
+
+
 def ema(old: Tensor, new: Tensor, momentum: float) -> Tensor:
     """``momentum × old + (1 - momentum) × new`` (running averages of batch statistics)."""
     return momentum * old + (1 - momentum) * new

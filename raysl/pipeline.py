@@ -261,7 +261,11 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
     # same cached result as `raysl run`.
     sel_key = cache_key({"labels": sel.labels, "mask": m.astype(np.uint8), "conf": sel.conf})
     # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
-    online = {"x_u": split.x_u, "y_u": split.y_u} if cfg.train.fixmatch else {}
+    online: dict[str, Any] = {}
+    if cfg.train.fixmatch:
+        online = {"x_u": split.x_u, "y_u": split.y_u}
+        if cfg.train.offline == "prior":  # every row's backend label, kept or not
+            online.update(prior_label=sel.labels, prior_conf=sel.conf.astype(np.float32))
     data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
                      **online)

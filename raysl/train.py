@@ -31,12 +31,14 @@ from raysl import augment
 from raysl.config import TrainConfig
 from raysl.losses import (
     align_distribution,
+    apply_prior,
     ema,
     fixmatch_loss,
     flexmatch_thresholds,
     freematch_thresholds,
     freematch_update,
     joint_loss,
+    label_prior,
 )
 
 
@@ -59,6 +61,9 @@ class TrainData:
     # true labels of x_u where known, else -1: only to measure the online pseudo-labels'
     # accuracy; never used for training
     y_u: np.ndarray | None = None  # (n_u,)
+    # the backend's label and confidence for every row of x_u (cfg.offline = "prior")
+    prior_label: np.ndarray | None = None  # (n_u,) int64
+    prior_conf: np.ndarray | None = None  # (n_u,) float32
 
 
 def steps_per_epoch(n_u: int, cfg: TrainConfig, world_size: int) -> int:
@@ -70,6 +75,17 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """Cosine decay (FixMatch's 7π/16 variant): a pure function of the step, so resuming
     from a checkpoint needs no scheduler state."""
     return cfg.lr * math.cos(7 * math.pi * step / (16 * max(total_steps, 1)))
+
+
+def offline_weight(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Weight of the backend's kept pseudo-labels at a step: ``lambda_u`` throughout, except
+    with FixMatch, where ``offline = warm`` fades it linearly to 0 at half the steps (the backend
+    starts the model, the online labels take over) and ``none`` / ``prior`` use no targets."""
+    if not cfg.fixmatch or cfg.offline == "targets":
+        return cfg.lambda_u
+    if cfg.offline == "warm":
+        return cfg.lambda_u * max(0.0, 1 - 2 * step / max(total_steps, 1))
+    return 0.0
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -167,7 +183,7 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
     torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)  # dropout, per epoch & rank
     idx_l = _rng(cfg.seed, epoch, rank, 0).integers(0, len(data.y_l), (steps, cfg.batch_size))
     use_p = (cfg.lambda_u > 0 and len(data.y_p) > 0
-             and not (cfg.fixmatch and cfg.offline == "none"))
+             and not (cfg.fixmatch and cfg.offline in ("none", "prior")))
     if use_p:
         idx_p = _rank_rows(len(data.y_p), steps, cfg, epoch, rank, world_size, keys=(1, 2))
     use_u = cfg.fixmatch and cfg.lambda_u > 0 and data.x_u is not None and len(data.x_u) > 0
@@ -178,6 +194,7 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
         assert data.x_u is not None
         idx_u = _rank_rows(len(data.x_u), steps, cfg, epoch, rank, world_size, keys=(3, 5))
         state = ssl_state if ssl_state is not None else {}
+        use_prior = cfg.offline == "prior" and data.prior_label is not None
         y_u = torch.from_numpy(data.y_u) if data.y_u is not None else None
         # kept, correct among kept, known among kept, correct, known (pseudo-label accuracy)
         counts = np.zeros(6)
@@ -207,7 +224,8 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
             loss, sup, unsup = joint_loss(
                 logits[:nl], yl, logits[nl:nl + nu],
                 torch.from_numpy(data.y_p[idx_p[s]]).to(device),
-                torch.from_numpy(data.w_p[idx_p[s]]).to(device), cfg.lambda_u)
+                torch.from_numpy(data.w_p[idx_p[s]]).to(device),
+                offline_weight(cfg, epoch * steps + s, total))
         else:
             loss, sup, unsup = joint_loss(logits[:nl], yl)
         fm = torch.zeros(())
@@ -219,6 +237,12 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
                 if not state:
                     state.update(init_ssl_state(len(data.x_u), probs.shape[1]))
                 iu = torch.from_numpy(idx_u[s])
+                if use_prior:
+                    assert data.prior_label is not None and data.prior_conf is not None
+                    probs = apply_prior(probs, label_prior(
+                        torch.from_numpy(data.prior_label[idx_u[s]]),
+                        torch.from_numpy(data.prior_conf[idx_u[s]]).float(),
+                        probs.shape[1]).to(probs.device))
                 # gathered on the device (nccl needs CUDA tensors), kept on the CPU like state
                 all_probs = _gather(probs, world_size).cpu()
                 all_idx = _gather(iu.to(probs.device), world_size).cpu()

@@ -17,10 +17,12 @@ from raysl import augment
 from raysl.config import TrainConfig
 from raysl.losses import (
     align_distribution,
+    apply_prior,
     fixmatch_loss,
     flexmatch_thresholds,
     freematch_thresholds,
     freematch_update,
+    label_prior,
 )
 from raysl.models import build_model
 from raysl.train import (
@@ -29,6 +31,7 @@ from raysl.train import (
     ema_update,
     init_ssl_state,
     make_optimizer,
+    offline_weight,
     run_epoch,
     steps_per_epoch,
 )
@@ -264,6 +267,51 @@ def test_offline_none_ignores_the_backend_pseudo_labels() -> None:
     c, _, logs = _train(data, _cfg(offline="targets"))
     assert _same(_params(a), _params(b))
     assert not _same(_params(a), _params(c)) and logs[0]["loss_unsup"] > 0
+
+
+def test_label_prior_is_a_distribution_peaked_on_the_backend_label() -> None:
+    labels, conf = torch.tensor([0, 2, 1]), torch.tensor([0.9, 0.5, 1 / C])
+    q = label_prior(labels, conf, C)
+    torch.testing.assert_close(q.sum(1), torch.ones(3))
+    assert torch.equal(q.argmax(1)[:2], labels[:2])
+    torch.testing.assert_close(q[2], torch.full((C,), 1 / C))  # conf 1/C: no information
+
+
+def test_apply_prior_uniform_is_identity_and_disagreement_lowers_confidence() -> None:
+    p = torch.tensor([[0.96, 0.02, 0.02], [0.96, 0.02, 0.02]])
+    torch.testing.assert_close(apply_prior(p, torch.full((2, C), 1 / C)), p)
+    q = apply_prior(p, label_prior(torch.tensor([0, 1]), torch.tensor([0.9, 0.9]), C))
+    assert q[0, 0] > p[0, 0]  # agreeing backend: more confident
+    assert q[1].max() < 0.95  # disagreeing backend: below a 0.95 threshold
+
+
+def test_offline_weight_schedules() -> None:
+    assert offline_weight(_cfg(offline="targets", lambda_u=2.0), 90, 100) == 2.0
+    assert offline_weight(_cfg(fixmatch=False, offline="none", lambda_u=2.0), 90, 100) == 2.0
+    warm = [offline_weight(_cfg(offline="warm", lambda_u=2.0), s, 100) for s in (0, 25, 50, 99)]
+    assert warm == [2.0, 1.0, 0.0, 0.0]
+    assert offline_weight(_cfg(offline="prior"), 0, 100) == 0.0
+
+
+def test_offline_prior_uniform_trains_as_none_and_an_informative_one_changes_training(
+) -> None:
+    data = _data(n_p=0)
+    n_u = len(data.x_u)
+    uniform = dataclasses.replace(data, prior_label=np.zeros(n_u, np.int64),
+                                  prior_conf=np.full(n_u, 1 / C, np.float32))
+    cfg = _cfg(fixmatch_threshold=0.5)
+    a, _, la = _train(data, dataclasses.replace(cfg, offline="none"))
+    b, _, lb = _train(uniform, dataclasses.replace(cfg, offline="prior"))
+    for k in ("loss", "mask_rate"):
+        assert la[-1][k] == pytest.approx(lb[-1][k], rel=1e-5)
+    for k, v in _params(a).items():
+        torch.testing.assert_close(v, _params(b)[k])
+    # a confident prior on the true labels keeps more rows, and more of them right
+    told = dataclasses.replace(data, prior_label=data.y_u, prior_conf=np.full(n_u, 0.99,
+                                                                              np.float32))
+    _, _, lc = _train(told, dataclasses.replace(cfg, offline="prior"))
+    assert lc[0]["mask_rate"] > la[0]["mask_rate"]
+    assert lc[0]["pl_precision"] == 1.0  # an untrained model can't outvote a 0.99 prior
 
 
 def test_a_fixmatch_epoch_with_teacher_and_state_is_safe_to_redo() -> None:

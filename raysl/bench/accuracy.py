@@ -10,19 +10,22 @@ triple, so every method sees the same labeled, unlabeled and test rows) it train
 - ``<backend>``: raysl's offline pipeline (backend pseudo-labels, ``select.threshold``,
   joint training), for each backend in ``--backends``;
 - ``fixmatch``: raysl's online pseudo-labels (``train.fixmatch``, EMA teacher);
-- ``fixmatch+<backend>``: FixMatch plus the backend's kept pseudo-labels as extra targets;
+- ``fixmatch+<backend>``: FixMatch plus the backend's pseudo-labels, combined as
+  ``train.offline`` says (``targets``: extra targets, ``warm``: targets fading out by half
+  the steps, ``prior``: a prior on the weak-view labels);
 - ``oracle``: every training row labeled (labeled + unlabeled pool), trained like
   ``supervised``.
 
 Neural methods start from He-initialised weights (``train.init = he``); the offline
 backends' joint training is the pipeline's (no augmentation, no EMA), as ``raysl run`` does.
 
-The many runs call the training loop directly in this process (plain PyTorch,
-``torch.set_num_threads(--threads)``), not through Ray Train: Ray Train's worker runs the same
-:func:`raysl.train.run_epoch` (``raysl bench accuracy --ray-overhead`` measures what Ray
-adds). Results are appended to ``OUT/runs.jsonl`` as they finish, so running the same command
-again skips finished runs; then ``OUT/table.md`` and ``OUT/accuracy_vs_labels.png`` are
-written.
+Each run calls the training loop directly (plain PyTorch, ``torch.set_num_threads(--threads)``),
+not through Ray Train, whose worker runs the same :func:`raysl.train.run_epoch` (``raysl bench
+ray-overhead`` measures what Ray Train adds). The runs of one (dataset, labels, seed) form a
+unit; ``--workers N`` runs N units at once as Ray generator tasks (each streams its rows back as
+they finish), ``--workers 1`` runs them in this process without Ray. Every finished run is
+appended to ``OUT/runs.jsonl``, so running the same command again skips finished runs; then
+``OUT/table.md`` and ``OUT/accuracy_vs_labels.png`` are written.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import copy
 import json
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +65,22 @@ Log = Callable[[str], None]
 def train_torch(split: Split, cfg: TrainConfig, x_l: np.ndarray | None = None,
                 y_l: np.ndarray | None = None,
                 pseudo: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                prior: tuple[np.ndarray, np.ndarray] | None = None,
                 log: Log | None = None) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train the classifier in this process (the loop Ray Train runs on each worker).
 
     ``x_l, y_l`` replace the split's labeled rows (oracle); ``pseudo = (x_p, y_p, w_p)`` are
-    offline pseudo-labels. Returns the evaluation model (the EMA teacher when ``cfg.ema``)."""
+    offline pseudo-labels; ``prior = (labels, conf)`` (n_u,) the backend's label and confidence
+    for every unlabeled row (``cfg.offline = "prior"``). Returns the evaluation model (the EMA
+    teacher when ``cfg.ema``)."""
     x_l = split.x_l if x_l is None else x_l
     y_l = split.y_l if y_l is None else y_l
     if pseudo is None:
         pseudo = (split.x_u[:0], split.y_u[:0], np.zeros(0, np.float32))
     data = TrainData(x_l, y_l, *pseudo, split.x_val, split.y_val, len(split.x_u),
-                     x_u=split.x_u, y_u=split.y_u)
+                     x_u=split.x_u, y_u=split.y_u,
+                     prior_label=None if prior is None else prior[0],
+                     prior_conf=None if prior is None else prior[1])
     torch.manual_seed(cfg.seed)
     model = build_model(split.input_shape, split.n_classes, cfg.hidden, cfg.init)
     teacher = copy.deepcopy(model) if cfg.ema > 0 else None
@@ -119,9 +127,9 @@ def sklearn_method(name: str, split: Split) -> float:
 
 
 def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
-                    sup_state: dict[str, Any], log: Log
-                    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]:
-    """Fit a backend (locally, cached under ``out``), select its confident rows."""
+                    sup_state: dict[str, Any], log: Log) -> tuple[Any, dict[str, Any]]:
+    """Fit a backend (locally, cached under ``out``) and select its confident rows; returns
+    the Selection and its coverage / precision on the unlabeled pool."""
     from raysl.pipeline import pseudo_label
     from raysl.select import select
 
@@ -131,7 +139,7 @@ def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
     m = sel.mask
     info = {"coverage": float(m.mean()),
             "precision": float((sel.labels[m] == split.y_u[m]).mean()) if m.any() else 0.0}
-    return (split.x_u[m], sel.labels[m], sel.conf[m].astype(np.float32)), info
+    return sel, info
 
 
 def run_one(method: str, split: Split, cfg: Config, out: Path, log: Log,
@@ -159,15 +167,20 @@ def run_one(method: str, split: Split, cfg: Config, out: Path, log: Log,
         else:
             online = method.startswith("fixmatch")
             backend = method.partition("+")[2] if online else method
-            pseudo = None
+            pseudo, prior = None, None
             if backend:
-                pseudo, info = _backend_pseudo(split, cfg, backend, out,
-                                               cache["sup_state"], log)
+                sel, info = _backend_pseudo(split, cfg, backend, out, cache["sup_state"], log)
+                m = sel.mask
+                pseudo = (split.x_u[m], sel.labels[m], sel.conf[m].astype(np.float32))
+                prior = (sel.labels, sel.conf.astype(np.float32))
                 extra.update({f"pl_{k}": v for k, v in info.items()})
-            t1 = replace(tcfg, fixmatch=online, offline="targets" if backend else "none")
+            # fixmatch+<backend> combines them as train.offline says (targets by default)
+            offline = (tcfg.offline if tcfg.offline != "none" else "targets") if backend \
+                else "none"
+            t1 = replace(tcfg, fixmatch=online, offline=offline)
             if not online:  # the offline pipeline as `raysl run` trains it
                 t1 = replace(t1, ema=0.0)
-            model, hist = train_torch(split, t1, pseudo=pseudo, log=log)
+            model, hist = train_torch(split, t1, pseudo=pseudo, prior=prior, log=log)
             acc = accuracy(model, split.x_test, split.y_test)
             if online:
                 extra.update(mask_rate=hist[-1]["mask_rate"],
@@ -251,11 +264,75 @@ def _methods(names: list[str], backends: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] == "--ray-overhead":  # until `raysl bench ray-overhead` is registered
-        from raysl.bench import ray_overhead
+@dataclass(frozen=True)
+class Unit:
+    """One (dataset, labels per class, seed): one split that every method in it shares."""
 
-        return ray_overhead.main(argv[1:])
+    dataset: str
+    labels_per_class: int
+    seed: int
+    quick: bool
+    overrides: dict[str, Any]  # --set, applied after the dataset budget
+
+    def tag(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "labels_per_class": self.labels_per_class,
+                "seed": self.seed, "quick": self.quick, "overrides": self.overrides}
+
+    def config(self) -> Config:
+        over = {**BUDGETS.get(self.dataset, {}), "data.dataset": self.dataset,
+                "data.labels_per_class": self.labels_per_class, "data.seed": self.seed,
+                "train.seed": self.seed, "train.num_workers": 0}
+        if self.quick:
+            over["train.epochs"] = QUICK_EPOCHS.get(self.dataset, 10)
+        return apply_overrides(Config(), {**over, **self.overrides})
+
+
+def run_unit(unit: Unit, methods: list[str], out: str, threads: int) -> Iterator[dict[str, Any]]:
+    """Run ``methods`` on the unit's split, yielding a result row as each one finishes (in
+    this process, or as a Ray generator task that streams rows back to the driver)."""
+    torch.set_num_threads(threads)
+    cfg = unit.config()
+    split = make_split(load_dataset(DataConfig(dataset=unit.dataset)), cfg.data)
+    cache: dict[str, Any] = {}
+    name = f"[{unit.dataset} {unit.labels_per_class}/class seed {unit.seed}]"
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    for method in methods:
+        log(f"{name} {method} ...")
+        res = {**unit.tag(), "method": method,
+               **run_one(method, split, cfg, Path(out), log, cache)}
+        log(f"{name} {method}: {100 * res['test_accuracy']:.1f}% ({res['seconds']:.0f}s)")
+        yield res
+
+
+def _run_on_ray(todo: list[tuple[Unit, list[str]]], out: Path, threads: int, workers: int,
+                record: Callable[[dict[str, Any]], None]) -> None:
+    """Units as Ray generator tasks of ``threads`` CPUs each (``workers`` at once on a local
+    Ray; a cluster's size when RAY_ADDRESS is set); rows are recorded as they stream in."""
+    import ray
+
+    from raysl.config import RayConfig
+    from raysl.distributed.session import ensure_ray
+
+    started = ensure_ray(RayConfig(num_cpus=threads * workers))
+    try:
+        task = ray.remote(num_cpus=threads, max_retries=1)(run_unit)
+        gens = [task.remote(u, m, str(out.resolve()), threads) for u, m in todo]
+        while gens:
+            ready, _ = ray.wait(gens, num_returns=1)
+            for g in ready:
+                try:
+                    record(ray.get(next(g)))
+                except StopIteration:
+                    gens.remove(g)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="raysl bench accuracy", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="digits + mnist5k at 10 labels/class, 1 seed, shorter training")
@@ -264,64 +341,67 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--labels", default="1,2,5,10", help="labels per class, comma-separated")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only-seed", type=int, default=None,
-                    help="run just this seed (to run seeds in parallel processes); the table "
-                    "still covers --seeds from OUT/runs.jsonl")
+                    help="run just this seed; the table still covers --seeds from "
+                    "OUT/runs.jsonl")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="comma-separated; 'backends' expands to --backends, "
                     "'fixmatch+backends' to fixmatch+<each backend>")
-    ap.add_argument("--backends", default="gmm,self")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backends", default="gmm,self,vae,gan")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per unit")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="units (dataset, labels, seed) at once, as Ray tasks of --threads CPUs "
+                    "each; 1 runs them one after another in this process, without Ray")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied after the dataset budget (repeatable)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     datasets = args.datasets.split(",")
     labels = [int(v) for v in args.labels.split(",")]
     seeds = args.seeds
     if args.quick:
         labels, seeds = [10], min(seeds, 1)
     methods = _methods(args.methods.split(","), args.backends.split(","))
+    overrides = parse_set(args.set)
+    units = [Unit(ds, lpc, seed, args.quick, overrides) for ds in datasets for lpc in labels
+             for seed in (range(seeds) if args.only_seed is None else [args.only_seed])]
+    for u in units:  # every key, value and dataset checked before any training
+        u.config()
+    out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.jsonl"
     done = ([json.loads(line) for line in runs_path.open() if line.strip()]
             if runs_path.is_file() else [])
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
+    def finished(u: Unit, m: str) -> bool:
+        tag = u.tag()
+        return any({k: r.get(k) for k in tag} == tag and r["method"] == m for r in done)
 
-    for ds_name in datasets:
-        ds = load_dataset(DataConfig(dataset=ds_name))
-        for lpc in labels:
-            for seed in range(seeds) if args.only_seed is None else [args.only_seed]:
-                over = {**BUDGETS.get(ds_name, {}), "data.dataset": ds_name,
-                        "data.labels_per_class": lpc, "data.seed": seed, "train.seed": seed,
-                        "train.num_workers": 0}
-                if args.quick:
-                    over["train.epochs"] = QUICK_EPOCHS.get(ds_name, 10)
-                cfg = apply_overrides(Config(), {**over, **parse_set(args.set)})
-                split = make_split(ds, cfg.data)
-                cache: dict[str, Any] = {}
-                tag = {"dataset": ds_name, "labels_per_class": lpc, "seed": seed,
-                       "quick": args.quick, "overrides": parse_set(args.set)}
-                for method in methods:
-                    if any({k: r.get(k) for k in tag} == tag and r["method"] == method
-                           for r in done):
-                        continue
-                    log(f"[{ds_name} {lpc}/class seed {seed}] {method} ...")
-                    res = {**tag, "method": method, **run_one(method, split, cfg, out, log,
-                                                             cache)}
-                    log(f"[{ds_name} {lpc}/class seed {seed}] {method}: "
-                        f"{100 * res['test_accuracy']:.1f}% ({res['seconds']:.0f}s)")
-                    done.append(res)
-                    with runs_path.open("a") as f:
-                        f.write(json.dumps(res) + "\n")
+    todo = [(u, left) for u in units if (left := [m for m in methods if not finished(u, m)])]
+    n_runs, t0 = sum(len(m) for _, m in todo), time.perf_counter()
+    print(f"{n_runs} runs to do in {len(todo)} units "
+          f"({len(units) * len(methods) - n_runs} already in {runs_path})", flush=True)
+    new: list[dict[str, Any]] = []
+
+    def record(res: dict[str, Any]) -> None:
+        done.append(res)
+        new.append(res)
+        with runs_path.open("a") as f:  # one line per finished run: the resume point
+            f.write(json.dumps(res) + "\n")
+        print(f"--- {len(new)}/{n_runs} runs done, {time.perf_counter() - t0:.0f} s",
+              flush=True)
+
+    if args.workers > 1 and todo:
+        _run_on_ray(todo, out, args.threads, args.workers, record)
+    else:
+        for u, left in todo:
+            for res in run_unit(u, left, str(out), args.threads):
+                record(res)
     rows = [r for r in done if r["quick"] == args.quick and r["dataset"] in datasets
             and r["labels_per_class"] in labels and r["seed"] < seeds and r["method"] in methods
-            and r.get("overrides", {}) == parse_set(args.set)]
+            and r.get("overrides", {}) == overrides]
     md = table(rows)
     (out / "table.md").write_text(md + "\n")
     plot(rows, out / "accuracy_vs_labels.png")
     print("\n" + md)
-    print(f"\nwrote {out / 'table.md'}, {out / 'accuracy_vs_labels.png'}, {runs_path}")
+    print(f"\n{len(new)} runs in {time.perf_counter() - t0:.0f} s; wrote "
+          f"{out / 'table.md'}, {out / 'accuracy_vs_labels.png'}, {runs_path}")
     return 0

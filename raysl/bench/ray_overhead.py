@@ -1,12 +1,14 @@
 """``raysl bench ray-overhead``: a training epoch through Ray Train (1 worker) vs the same loop
 in plain PyTorch (same model, data, batch, config and thread count), as a throughput ratio.
 
-Both sides run :func:`raysl.train.run_epoch`; the Ray side is ``train_classifier`` (TorchTrainer,
-1 worker holding ``--threads`` CPUs, so Ray gives it as many OpenMP threads, a checkpoint and a
-``ray.train.report`` every epoch). The ratio compares the median epoch time after the first
-epoch (start-up is reported separately): ``plain seconds / Ray seconds``, 1.0 = no overhead.
-The plain loop runs before and after the Ray run, so load from other processes on a shared
-machine affects both sides alike.
+Both sides run :func:`raysl.train.run_epoch` and then the validation pass; the Ray side is
+``train_classifier`` (TorchTrainer, 1 worker holding ``--threads`` CPUs, so Ray gives it as many
+OpenMP threads), which also calls ``ray.train.report`` every epoch and attaches a checkpoint
+every ``train.checkpoint_every`` epochs (one Ray run per value of ``--checkpoint-every``). The
+loop also runs as a plain Ray task: what Ray core costs without Ray Train's runtime. The ratio
+compares median epoch times after the first epoch (start-up is reported separately):
+``plain seconds / Ray seconds``, 1.0 = no overhead. The plain loop runs before and after the
+Ray runs, so load from other processes on a shared machine affects both sides alike.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import itertools
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +27,13 @@ import torch
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
 from raysl.data import load_dataset, make_split
 from raysl.models import build_model
-from raysl.train import TrainData, make_optimizer, run_epoch
+from raysl.train import TrainData, accuracy, make_optimizer, run_epoch
 
 
 def plain_epochs(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...], n_classes: int,
-                 threads: int) -> list[float]:
-    """Seconds of each epoch of the in-process loop (the Ray worker's loop without Ray)."""
+                 threads: int) -> list[tuple[float, float]]:
+    """(training, validation) seconds of each epoch of the in-process loop: the Ray worker's
+    loop without Ray (the same ``run_epoch`` and validation pass, no checkpoint, no report)."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build_model(input_shape, n_classes, cfg.hidden, cfg.init)
@@ -38,17 +42,37 @@ def plain_epochs(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...]
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         run_epoch(model, opt, data, cfg, epoch)
-        out.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        accuracy(model, data.x_val, data.y_val)
+        out.append((t1 - t0, time.perf_counter() - t1))
     return out
+
+
+def ray_epochs(history: list[dict[str, float]]) -> list[tuple[float, float, float]]:
+    """(training, validation, checkpoint + report) seconds of each Ray Train epoch, from the
+    worker's own clocks; the last epoch has no successor, so its report time is unknown (0)."""
+    starts = [h["started_at"] for h in history]
+    whole = [b - a for a, b in itertools.pairwise(starts)] + [history[-1]["epoch_seconds"]]
+    return [(h["train_seconds"], h["epoch_seconds"] - h["train_seconds"],
+             w - h["epoch_seconds"]) for h, w in zip(history, whole, strict=True)]
+
+
+def _median(rows: list[tuple[float, ...]], col: int | None = None) -> float:
+    """Median after the first epoch (warm-up) of one column, or of the row sums."""
+    rest = rows[1:] or rows
+    return statistics.median(sum(r) if col is None else r[col] for r in rest)
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="raysl bench ray-overhead", description=__doc__)
     ap.add_argument("--dataset", default="mnist5k")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-every", default="1,4",
+                    help="comma-separated train.checkpoint_every values, one Ray run each")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
+    every = [int(v) for v in args.checkpoint_every.split(",")]
     cfg = apply_overrides(Config(), {"data.dataset": args.dataset, "train.epochs": args.epochs,
                                      "train.num_workers": 1,
                                      "train.cpus_per_worker": float(args.threads),
@@ -59,8 +83,9 @@ def main(argv: list[str]) -> int:
                      split.x_val, split.y_val, len(split.x_u), x_u=split.x_u, y_u=split.y_u)
     t = cfg.train
     print(f"{args.dataset}: {t.epochs} epochs of {len(split.x_u)} unlabeled rows, batch "
-          f"{t.batch_size}, mu {t.mu}, fixmatch={t.fixmatch}, {args.threads} thread(s)")
-    before = plain_epochs(data, t, split.input_shape, split.n_classes, args.threads)
+          f"{t.batch_size}, mu {t.mu}, fixmatch={t.fixmatch}, {args.threads} thread(s)",
+          flush=True)
+    plain = plain_epochs(data, t, split.input_shape, split.n_classes, args.threads)
 
     import ray
 
@@ -70,28 +95,40 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=args.threads, logging_level="WARNING")  # own, fresh
     init_s = time.perf_counter() - t0
+    runs: dict[int, tuple[list[tuple[float, float, float]], float]] = {}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            outcome = train_classifier(data, t, split.input_shape, split.n_classes, Path(tmp),
-                                       "overhead", verbose=False)
+        # the same loop as a plain Ray task: what Ray core costs, without Ray Train's runtime
+        in_task = ray.get(ray.remote(num_cpus=args.threads)(plain_epochs).remote(
+            data, t, split.input_shape, split.n_classes, args.threads))
+        print("Ray task epochs: " + " ".join(f"{sum(r):.2f}" for r in in_task), flush=True)
+        for n in every:
+            with tempfile.TemporaryDirectory() as tmp:
+                o = train_classifier(data, replace(t, checkpoint_every=n), split.input_shape,
+                                     split.n_classes, Path(tmp), f"overhead-{n}", verbose=False)
+            ep = ray_epochs(o.history)
+            runs[n] = ep, o.seconds - sum(map(sum, ep))
+            print(f"Ray run, checkpoint every {n}: epochs "
+                  + " ".join(f"{sum(r):.2f}" for r in ep), flush=True)
     finally:
         ray.shutdown()
-    after = plain_epochs(data, t, split.input_shape, split.n_classes, args.threads)
-    # epoch to epoch, including the checkpoint write and the report barrier
-    starts = [h["started_at"] for h in outcome.history]
-    ray_epochs = [b - a for a, b in itertools.pairwise(starts)]
-    ray_epochs.append(outcome.history[-1]["epoch_seconds"])
-    plain = statistics.median(before[1:] + after[1:])
-    via_ray = statistics.median(ray_epochs[1:] or ray_epochs)
-    startup = outcome.seconds - sum(ray_epochs)
-    rows = [("plain PyTorch epoch (median)", f"{plain:.2f} s"),
-            ("Ray Train epoch (median, 1 worker)", f"{via_ray:.2f} s"),
-            ("throughput ratio plain/Ray (target >= 0.9)", f"{plain / via_ray:.3f}"),
-            ("ray.init", f"{init_s:.1f} s"),
-            ("Ray Train start-up + teardown", f"{startup:.1f} s"),
-            ("plain epochs", " ".join(f"{s:.2f}" for s in before + after)),
-            ("Ray epochs", " ".join(f"{s:.2f}" for s in ray_epochs))]
-    print("\n| measure | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
+    # plain epochs before and after the Ray runs: load from other processes hits both sides
+    plain += plain_epochs(data, t, split.input_shape, split.n_classes, args.threads)
+    p_train, p_epoch = _median(plain, 0), _median(plain)
+    print(f"\nplain epochs (train + val): {' '.join(f'{sum(r):.2f}' for r in plain)}")
+    print("\n| loop | train s | val s | checkpoint + report s | epoch s "
+          "| throughput vs plain (target >= 0.9) |\n|---|---|---|---|---|---|")
+    print(f"| plain PyTorch | {p_train:.2f} | {_median(plain, 1):.2f} | - | {p_epoch:.2f} "
+          "| 1.000 |")
+    print(f"| Ray task, same loop (no Ray Train) | {_median(in_task, 0):.2f} "
+          f"| {_median(in_task, 1):.2f} | - | {_median(in_task):.2f} "
+          f"| {p_epoch / _median(in_task):.3f} |")
+    for n, (ep, _) in runs.items():
+        r_epoch = _median(ep)
+        print(f"| Ray Train, 1 worker, checkpoint every {n} | {_median(ep, 0):.2f} "
+              f"| {_median(ep, 1):.2f} | {statistics.mean(r[2] for r in ep[1:-1] or ep):.2f} "
+              f"| {r_epoch:.2f} | {p_epoch / r_epoch:.3f} |")
+    print(f"\nray.init {init_s:.1f} s; Ray Train start-up + teardown "
+          + ", ".join(f"{s:.1f} s" for _, s in runs.values())
+          + "; training step alone: plain/Ray = "
+          + ", ".join(f"{p_train / _median(ep, 0):.3f}" for ep, _ in runs.values()))
     return 0

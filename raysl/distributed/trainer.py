@@ -1,8 +1,9 @@
 """Classifier training as a Ray Train v2 ``TorchTrainer`` (DDP: gloo on CPU, nccl on GPU).
 
 The worker loop is a thin shell around :func:`raysl.train.run_epoch`: prepare the model for
-DDP, resume from ``ray.train.get_checkpoint()`` if there is one, and report a checkpoint every
-epoch (rank 0 attaches it; every rank calls ``report``, which is a barrier). Re-running with
+DDP, resume from ``ray.train.get_checkpoint()`` if there is one, report metrics every epoch and
+a checkpoint every ``train.checkpoint_every`` epochs and after the last (rank 0 attaches it;
+every rank calls ``report``, which is a barrier). Re-running with
 the same storage path and name resumes from the latest checkpoint.
 """
 
@@ -97,17 +98,20 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         t0, started_at = time.perf_counter(), time.time()
         row = run_epoch(model, opt, data, cfg, epoch, rank, world, device, mid_epoch_fault,
                         teacher=teacher, ssl_state=ssl_state)
+        train_s = time.perf_counter() - t0
         row.update(epoch=epoch, val_accuracy=accuracy(evaluated(), data.x_val, data.y_val,
                                                       device),
-                   epoch_seconds=time.perf_counter() - t0, resumed_from_epoch=resumed,
+                   epoch_seconds=time.perf_counter() - t0, train_seconds=train_s,
+                   resumed_from_epoch=resumed,
                    started_at=started_at)  # wall clock: epoch-to-epoch time incl. reporting
         history.append(row)
         if rank == 0 and config["verbose"]:
             print(f"[{config['name']}] epoch {epoch + 1}/{cfg.epochs} loss={row['loss']:.3f} "
                   f"val_acc={row['val_accuracy']:.3f} ({row['epoch_seconds']:.1f}s)", flush=True)
+        keep = (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
+            if rank == 0 and keep:
                 saved = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                          "epoch": epoch, "history": history, "ssl_state": ssl_state}
                 if teacher is not None:
