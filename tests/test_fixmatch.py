@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -467,3 +468,20 @@ def test_bench_accuracy_runs_resumes_and_writes_its_outputs(tmp_path, capsys) ->
     assert main(argv) == 0  # finished runs are skipped
     assert "] fixmatch ..." not in capsys.readouterr().out
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_bench_oracle_runs_once_per_seed_and_is_shown_for_every_labels_count(tmp_path) -> None:
+    from raysl.bench.accuracy import main, share_oracle
+
+    argv = ["--out", str(tmp_path), "--datasets", "digits", "--labels", "1,2", "--seeds", "1",
+            "--methods", "label_spreading,oracle", "--set", "train.epochs=1",
+            "--set", "train.hidden=16"]
+    assert main(argv) == 0
+    runs = [json.loads(r) for r in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["labels_per_class"]) for r in runs) == [
+        ("label_spreading", 1), ("label_spreading", 2), ("oracle", 2)]
+    shared = share_oracle(runs, [1, 2])
+    oracle = {r["labels_per_class"]: r["test_accuracy"] for r in shared
+              if r["method"] == "oracle"}
+    assert oracle == {1: runs[-1]["test_accuracy"], 2: runs[-1]["test_accuracy"]}
+    assert len((tmp_path / "table.md").read_text().split("| digits |")) == 3  # two rows

@@ -181,3 +181,21 @@ def test_relabel_rounds_retrain_from_the_last_joint_model(tiny_config: Config,
     np.testing.assert_allclose(np.load(self_cache[0])["proba"], pred, atol=1e-5)
     again = pipeline.run(cfg, out, log=lambda s: None)
     assert again["relabel"][0]["cached"] and again["joint"]["test_accuracy"] == r2["test_accuracy"]
+
+
+def test_bench_accuracy_on_ray_tasks_equals_the_in_process_run(tmp_path: Path) -> None:
+    """--workers 2 runs units as Ray generator tasks; the rows must match a plain run."""
+    from raysl.bench.accuracy import main
+
+    argv = ["--datasets", "digits", "--labels", "1", "--seeds", "2", "--threads", "1",
+            "--methods", "label_spreading,supervised", "--set", "train.epochs=1",
+            "--set", "train.hidden=16"]
+    assert main([*argv, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "plain"), "--workers", "1"]) == 0
+
+    def rows(d: str) -> dict[tuple[int, str], float]:
+        lines = (tmp_path / d / "runs.jsonl").read_text().splitlines()
+        return {(r["seed"], r["method"]): r["test_accuracy"] for r in map(json.loads, lines)}
+
+    on_ray = rows("ray")
+    assert len(on_ray) == 4 and on_ray == rows("plain")
