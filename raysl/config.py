@@ -110,9 +110,10 @@ class TrainConfig:
     threshold_mode: str = "fixed"  # fixed | flexmatch (per-class) | freematch (self-adaptive)
     dist_align: bool = False  # align weak-view probabilities to a uniform class prior
     ema: float = 0.0  # EMA teacher decay (e.g. 0.999): evaluates, labels, is the result; 0 off
-    offline: str = "targets"  # backend pseudo-labels with fixmatch: targets (extra weighted
-    # CE rows, as without fixmatch), warm (targets whose weight decays linearly to 0 at half
-    # the steps), prior (multiply the weak-view probabilities by the backend's) or none
+    offline: str = "warm"  # backend pseudo-labels with fixmatch: warm (weighted targets whose
+    # weight decays linearly to 0 at half the steps), targets (throughout, as without
+    # fixmatch), prior (multiply the weak-view probabilities by the backend's) or none.
+    # Digits, 50 labels, 3 seeds: warm 97.2% (gmm) > targets 96.6% > prior 96.1%.
     init: str = "torch"  # initial weights: torch (layer defaults) or he (Kaiming normal: no
     # plateau at chance in the first hundreds of steps; raysl.models.he_init)
     checkpoint_every: int = 1  # Ray Train checkpoint every N epochs (and after the last);

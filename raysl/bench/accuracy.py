@@ -327,31 +327,6 @@ def run_unit(unit: Unit, methods: list[str], out: str, threads: int) -> Iterator
         yield res
 
 
-def _run_on_ray(todo: list[tuple[Unit, list[str]]], out: Path, threads: int, workers: int,
-                record: Callable[[dict[str, Any]], None]) -> None:
-    """Units as Ray generator tasks of ``threads`` CPUs each (``workers`` at once on a local
-    Ray; a cluster's size when RAY_ADDRESS is set); rows are recorded as they stream in."""
-    import ray
-
-    from raysl.config import RayConfig
-    from raysl.distributed.session import ensure_ray
-
-    started = ensure_ray(RayConfig(num_cpus=threads * workers))
-    try:
-        task = ray.remote(num_cpus=threads, max_retries=1)(run_unit)
-        gens = [task.remote(u, m, str(out.resolve()), threads) for u, m in todo]
-        while gens:
-            ready, _ = ray.wait(gens, num_returns=1)
-            for g in ready:
-                try:
-                    record(ray.get(next(g)))
-                except StopIteration:
-                    gens.remove(g)
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="raysl bench accuracy", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -420,7 +395,10 @@ def main(argv: list[str]) -> int:
               flush=True)
 
     if args.workers > 1 and todo:
-        _run_on_ray(todo, out, args.threads, args.workers, record)
+        from raysl.distributed.tasks import stream
+
+        stream(run_unit, [(u, m, str(out.resolve()), args.threads) for u, m in todo],
+               args.threads, args.workers, record)
     else:
         for u, left in todo:
             for res in run_unit(u, left, str(out), args.threads):
