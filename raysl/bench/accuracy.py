@@ -49,6 +49,7 @@ import torch
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
 from raysl.data import Split, load_dataset, make_split
 from raysl.models import build_model
+from raysl.select import Selection, select
 from raysl.train import TrainData, accuracy, make_optimizer, run_epoch, state_to_numpy
 
 # The training budget of each dataset (the same for every online neural method on it).
@@ -134,11 +135,10 @@ def sklearn_method(name: str, split: Split) -> float:
 
 
 def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
-                    sup_state: dict[str, Any], log: Log) -> tuple[Any, dict[str, Any]]:
+                    sup_state: dict[str, Any], log: Log) -> tuple[Selection, dict[str, float]]:
     """Fit a backend (locally, cached under ``out``) and select its confident rows; returns
     the Selection and its coverage / precision on the unlabeled pool."""
     from raysl.pipeline import pseudo_label
-    from raysl.select import select
 
     cfg = replace(cfg, backend=replace(cfg.backend, name=backend))
     pl = pseudo_label(split, cfg, out, sup_state, lambda m: log("    " + m), use_ray=False)
@@ -181,7 +181,7 @@ def run_one(method: str, split: Split, cfg: Config, out: Path, log: Log,
                 pseudo = (split.x_u[m], sel.labels[m], sel.conf[m].astype(np.float32))
                 prior = (sel.labels, sel.conf.astype(np.float32))
                 extra.update({f"pl_{k}": v for k, v in info.items()})
-            # fixmatch+<backend> combines them as train.offline says (targets by default)
+            # fixmatch+<backend> combines them as train.offline says (warm by default)
             offline = (tcfg.offline if tcfg.offline != "none" else "targets") if backend \
                 else "none"
             t1 = replace(tcfg, fixmatch=online, offline=offline)

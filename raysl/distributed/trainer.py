@@ -3,8 +3,8 @@
 The worker loop is a thin shell around :func:`raysl.train.run_epoch`: prepare the model for
 DDP, resume from ``ray.train.get_checkpoint()`` if there is one, report metrics every epoch and
 a checkpoint every ``train.checkpoint_every`` epochs and after the last (rank 0 attaches it;
-every rank calls ``report``, which is a barrier). Re-running with
-the same storage path and name resumes from the latest checkpoint.
+every rank calls ``report``, which is a barrier). Re-running with the same storage path and
+name resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
