@@ -48,6 +48,7 @@ import torch
 
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
 from raysl.data import Split, load_dataset, make_split
+from raysl.metrics import pseudo_label_metrics
 from raysl.models import build_model
 from raysl.select import Selection, select
 from raysl.train import TrainData, accuracy, make_optimizer, run_epoch, state_to_numpy
@@ -137,16 +138,13 @@ def sklearn_method(name: str, split: Split) -> float:
 def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
                     sup_state: dict[str, Any], log: Log) -> tuple[Selection, dict[str, float]]:
     """Fit a backend (locally, cached under ``out``) and select its confident rows; returns
-    the Selection and its coverage / precision on the unlabeled pool."""
+    the Selection and its metrics on the unlabeled pool (coverage, precision, ...)."""
     from raysl.pipeline import pseudo_label
 
     cfg = replace(cfg, backend=replace(cfg.backend, name=backend))
     pl = pseudo_label(split, cfg, out, sup_state, lambda m: log("    " + m), use_ray=False)
     sel = select(pl["proba"], cfg.select.criterion, cfg.select.threshold, cfg.select.k_best)
-    m = sel.mask
-    info = {"coverage": float(m.mean()),
-            "precision": float((sel.labels[m] == split.y_u[m]).mean()) if m.any() else 0.0}
-    return sel, info
+    return sel, pseudo_label_metrics(sel, split.y_u)
 
 
 def run_one(method: str, split: Split, cfg: Config, out: Path, log: Log,
