@@ -13,7 +13,10 @@ which do work per image on a batch.
 - strong: RandAugment with random magnitudes (FixMatch's RA variant): 2 ops per row out of
   :data:`STRONG_OPS`, then cutout of a square of up to half the side.
 
-Vectors (n, d) have no natural augmentation here: both functions return them unchanged.
+Feature vectors (n, d), standardized (:mod:`raysl.preprocess`), get VIME-style views (Yoon et
+al. 2020): weak = small Gaussian noise; strong = each entry replaced, with probability
+``mask_p``, by the same column of another row of the batch (a draw from the column's marginal
+that keeps its type and range), then larger noise.
 """
 
 from __future__ import annotations
@@ -48,8 +51,29 @@ def translate(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
               rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def weak_vector(x: Tensor, gen: torch.Generator, noise: float = 0.1) -> Tensor:
+    """(n, d) standardized vectors plus N(0, ``noise``²) per entry."""
+    return x + noise * torch.randn(x.shape, generator=gen)
+
+
+def strong_vector(x: Tensor, gen: torch.Generator, mask_p: float = 0.3,
+                  noise: float = 0.2) -> Tensor:
+    """VIME's mask-and-replace corruption of (n, d) vectors, then N(0, ``noise``²).
+
+    Entry (i, j) is replaced with probability ``mask_p`` by x[π_j(i), j], π_j a random
+    permutation of the batch per column."""
+    n, d = x.shape
+    perm = torch.argsort(torch.rand(n, d, generator=gen), dim=0)  # (n, d) a permutation/column
+    shuffled = torch.gather(x, 0, perm)
+    mask = torch.rand(n, d, generator=gen) < mask_p
+    return torch.where(mask, shuffled, x) + noise * torch.randn(x.shape, generator=gen)
+
+
 def weak(x: Tensor, gen: torch.Generator, max_shift: float = 0.125) -> Tensor:
-    """Random integer translation of every row by up to ``max_shift`` × side (at least 1 px)."""
+    """Images (n, c, h, w): a random integer translation of every row by up to ``max_shift`` ×
+    side (at least 1 px). Vectors (n, d): :func:`weak_vector`."""
+    if x.dim() == 2:
+        return weak_vector(x, gen)
     if x.dim() != 4:
         return x
     n, _, h, w = x.shape
@@ -123,7 +147,10 @@ def strong(x: Tensor, gen: torch.Generator, n_ops: int = 2, cut: float = 0.5) ->
     """RandAugment (``n_ops`` random ops per row, random magnitudes) then cutout.
 
     ``x`` (n, c, h, w) in [0, 1] -> the same shape. Magnitudes are drawn per row and op;
-    signed ops (rotate, shear, translate) get a random sign."""
+    signed ops (rotate, shear, translate) get a random sign. Vectors (n, d):
+    :func:`strong_vector`."""
+    if x.dim() == 2:
+        return strong_vector(x, gen)
     if x.dim() != 4:
         return x
     n = x.shape[0]

@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "backends": "raysl.bench.backends",
     "accuracy": "raysl.bench.accuracy",
     "ray-overhead": "raysl.bench.ray_overhead",
+    "robustness": "raysl.bench.robustness",
 }
 
 

@@ -30,6 +30,9 @@ class DataConfig:
     test_fraction: float = 0.2  # held out when the dataset has no official test split
     n_shards: int = 2  # unlabeled shards, one Ray actor each
     seed: int = 0
+    # feature vectors: zero mean, unit variance per column from the training rows' moments,
+    # saved inside model.pt (raysl.preprocess); images keep [0, 1]
+    standardize: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ class GANConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    name: str = "gmm"  # a key of raysl.backends.BACKENDS
+    # a key of raysl.backends.BACKENDS, or "auto": fit the cheap ones (AUTO_BACKENDS) and keep
+    # the one with the best validation accuracy
+    name: str = "auto"
     actor_cpus: float = 0.5  # fractional, so actors fit beside each other on small machines
     # temperature-scale the probabilities on the validation split (argmax labels unchanged)
     calibrate: bool = False
@@ -85,14 +90,26 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class SelectConfig:
-    criterion: str = "threshold"  # "threshold" or "k_best"
+    criterion: str = "threshold"  # threshold | k_best | per_class
     threshold: float = 0.95  # keep rows whose confidence exceeds this (1.0 keeps none)
     k_best: int = 100  # with criterion=k_best: the k most confident rows
+    # with criterion=per_class: per class, the most confident rows labelled so, as many as
+    # per_class_share × (the labeled prior's share of the pool)
+    per_class_share: float = 0.5
+    align: bool = False  # scale the backend's probabilities to the labeled class prior first
+    # The guard: drop the backend's labels (warning) when its validation accuracy is more than
+    # guard_margin below the baseline's, or the kept labels' class distribution is more than
+    # guard_max_tv (total variation) from the labeled rows'.
+    guard: bool = True
+    guard_margin: float = 0.02
+    guard_max_tv: float = 0.25
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
+    # at least this many optimizer steps per worker in all (small pools give short epochs)
+    min_steps: int = 500
     batch_size: int = 32  # labeled rows per step and worker
     mu: int = 3  # pseudo-labeled rows per labeled row in a step (FixMatch's mu)
     lr: float = 0.03
@@ -105,16 +122,16 @@ class TrainConfig:
     cpus_per_worker: float = 0.5
     seed: int = 0
     # Online pseudo-labels (FixMatch). Off: training is exactly the offline-only loop above.
-    fixmatch: bool = False  # strong-view CE on weak-view pseudo-labels; weak aug on labeled
+    fixmatch: bool = True  # strong-view CE on weak-view pseudo-labels; weak aug on labeled
     fixmatch_threshold: float = 0.95  # keep a weak-view label when its confidence >= this
     threshold_mode: str = "fixed"  # fixed | flexmatch (per-class) | freematch (self-adaptive)
     dist_align: bool = False  # align weak-view probabilities to a uniform class prior
-    ema: float = 0.0  # EMA teacher decay (e.g. 0.999): evaluates, labels, is the result; 0 off
+    ema: float = 0.99  # EMA teacher decay (e.g. 0.999): evaluates, labels, is the result; 0 off
     offline: str = "warm"  # backend pseudo-labels with fixmatch: warm (weighted targets whose
     # weight decays linearly to 0 at half the steps), targets (throughout, as without
     # fixmatch), prior (multiply the weak-view probabilities by the backend's) or none.
     # Digits, 50 labels, 3 seeds: warm 97.2% (gmm) > targets 96.6% > prior 96.1%.
-    init: str = "torch"  # initial weights: torch (layer defaults) or he (Kaiming normal: no
+    init: str = "he"  # initial weights: torch (layer defaults) or he (Kaiming normal: no
     # plateau at chance in the first hundreds of steps; raysl.models.he_init)
     checkpoint_every: int = 1  # Ray Train checkpoint every N epochs (and after the last);
     # metrics are reported every epoch. A crash redoes at most N epochs.
@@ -170,10 +187,14 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "backend.gan.lr": (1e-9, None),
     "backend.gan.noise_dim": (1, None),
     "backend.gan.hidden": (1, None),
-    "select.criterion": ("threshold", "k_best"),
+    "select.criterion": ("threshold", "k_best", "per_class"),
     "select.threshold": (0.0, 1.0),
     "select.k_best": (1, None),
+    "select.per_class_share": (0.001, 1.0),
+    "select.guard_margin": (0.0, 1.0),
+    "select.guard_max_tv": (0.0, 1.0),
     "train.epochs": (1, None),
+    "train.min_steps": (0, None),
     "train.batch_size": (1, None),
     "train.mu": (1, None),
     "train.lr": (1e-9, None),

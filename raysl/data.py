@@ -7,8 +7,11 @@ vectors float32 ``(n, d)``; labels are int64 in ``0..C-1`` with ``-1`` for unlab
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
+import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ import numpy as np
 
 from raysl.config import DataConfig
 from raysl.errors import DataError
+from raysl.preprocess import Standardizer
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,6 +56,8 @@ class Split:
     idx_u: np.ndarray
     n_classes: int
     key: str  # fingerprint of the data and split parameters (cache keys)
+    # the input transform already applied to every x above (vectors), saved with the model
+    standardizer: Standardizer | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -90,7 +96,7 @@ def _torchvision(name: str) -> Callable[[DataConfig], Dataset]:
                 raise DataError(
                     f"data.dataset={name!r}: not found under data.root={str(root)!r} ({e}). "
                     "Copy the torchvision files there, or set data.download=true on a machine "
-                    "with network access."
+                    "with network access." + _idx_hint(name, root)
                 ) from None
             x = np.asarray(ds.data)
             y = np.asarray(ds.labels if name == "svhn" else ds.targets, np.int64)
@@ -105,12 +111,137 @@ def _torchvision(name: str) -> Callable[[DataConfig], Dataset]:
     return load
 
 
+# -- idx files (the MNIST format), read in place -------------------------------------------
+
+# idx type code -> element dtype; multi-byte values are big-endian in the file.
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
+}
+# The official file names, in the order train images, train labels, test images, test labels.
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# torchvision keeps the idx files of these datasets under <root>/<folder>/raw/.
+_TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+# Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) installs the
+# four official .gz files here: an offline source for machines that cannot download.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# uint8 -> float32 in [0, 1] by lookup: the same values as the torchvision loader's
+# (x / 255.0).astype(float32), so the data fingerprint (cache keys) does not depend on which
+# loader read the files, without its float64 temporary (376 MB for 60,000 28x28 images).
+_U8_TO_UNIT = (np.arange(256) / 255.0).astype(np.float32)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one idx file (the format of MNIST and Fashion-MNIST), gzip-compressed or plain.
+
+    The header is 2 zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64), the number of dimensions, then one big-endian uint32 per
+    dimension; the data follow in C order, big-endian. Returns an array of shape ``dims`` in
+    native byte order, e.g. ``(n, 28, 28)`` uint8 for an image file, ``(n,)`` for labels.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+        # gzip is recognised by its magic bytes, not the suffix: some downloads arrive
+        # decompressed but keep their .gz name.
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz
+        raise DataError(f"{p}: cannot read this idx file ({type(e).__name__}: {e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        codes = ", ".join(f"{c:#04x}" for c in _IDX_DTYPES)
+        raise DataError(f"{p}: not an idx file: header {raw[:4].hex(' ') or '(empty)'}; "
+                        f"expected 00 00, a type code ({codes}) and the number of dimensions")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise DataError(f"{p}: truncated idx file: {len(raw)} bytes, shorter than its "
+                        f"{start}-byte header")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+    size = start + math.prod(shape) * dtype.itemsize
+    if len(raw) != size:
+        what = "truncated idx file" if len(raw) < size else "idx file with trailing bytes"
+        raise DataError(f"{p}: {what}: {len(raw)} bytes, expected {size} for a {dtype.name} "
+                        f"array of shape {shape}")
+    # astype copies: the result is writable and owns its memory (not a view of the bytes)
+    return np.frombuffer(raw, dtype, offset=start).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_dirs(name: str, root: Path) -> list[Path]:
+    """Where to look for ``name``'s idx files, in order. The dataset's own folders come before
+    ``root`` itself, so loose files of another dataset in ``root`` don't shadow them."""
+    dirs = [root / name, root / _TORCHVISION_FOLDERS[name] / "raw", root]
+    if name == "fashion_mnist":
+        dirs.append(DEBIAN_FASHION_MNIST)
+    return dirs
+
+
+def _find_idx(name: str, root: Path) -> list[Path] | None:
+    """The four official idx files (in :data:`_IDX_FILES` order) from the first directory of
+    :func:`_idx_dirs` that holds all four, plain or ``.gz``; None if no directory does."""
+    for d in _idx_dirs(name, root):
+        paths = []
+        for stem in _IDX_FILES:
+            # plain first: torchvision keeps both, and plain needs no decompression
+            hits = [d / f for f in (stem, stem + ".gz") if (d / f).is_file()]
+            if not hits:
+                break
+            paths.append(hits[0])
+        else:
+            return paths
+    return None
+
+
+def _idx_hint(name: str, root: Path) -> str:
+    """The offline options for an idx dataset, appended to the torchvision loader's error."""
+    if name not in _TORCHVISION_FOLDERS:
+        return ""
+    hint = (f" Or put the idx files ({', '.join(f + '[.gz]' for f in _IDX_FILES)}) in one of: "
+            f"{', '.join(str(d) for d in _idx_dirs(name, root))}.")
+    if name == "fashion_mnist":
+        hint += (" Offline on Debian/Ubuntu: apt-get install dataset-fashion-mnist (installs "
+                 f"them in {DEBIAN_FASHION_MNIST}).")
+    return hint
+
+
+def _idx_images_labels(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An idx image file and its label file as ``(n, 1, h, w)`` float32 in [0, 1] and
+    ``(n,)`` int64 labels in 0..9."""
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or x.dtype != np.uint8:
+        raise DataError(f"{images}: a {x.dtype} array of shape {x.shape}; expected (n, h, w) "
+                        "uint8 images")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{labels}: a {y.dtype} array of shape {y.shape}; expected "
+                        f"({len(x)},) integer labels, one per image in {images.name}")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise DataError(f"{labels}: labels span {y.min()}..{y.max()}; expected 0..9")
+    return _U8_TO_UNIT[x][:, None], y.astype(np.int64)
+
+
+def _idx_or_torchvision(name: str) -> Callable[[DataConfig], Dataset]:
+    """MNIST-format ``name``: the official idx files read in place if found (see
+    :func:`_idx_dirs`), else torchvision's loader (its own files, or a download)."""
+    fallback = _torchvision(name)
+
+    def load(cfg: DataConfig) -> Dataset:
+        paths = _find_idx(name, Path(cfg.root).expanduser())
+        if paths is None:
+            return fallback(cfg)
+        x, y = _idx_images_labels(paths[0], paths[1])
+        x_test, y_test = _idx_images_labels(paths[2], paths[3])
+        return Dataset(name, x, y, 10, x_test, y_test)
+
+    return load
+
+
 # Named datasets. Anything else in data.dataset is read as a path (.npz or .parquet).
 DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "digits": _digits,
     "mnist5k": _mnist5k,
-    "mnist": _torchvision("mnist"),
-    "fashion_mnist": _torchvision("fashion_mnist"),
+    "mnist": _idx_or_torchvision("mnist"),
+    "fashion_mnist": _idx_or_torchvision("fashion_mnist"),
     "cifar10": _torchvision("cifar10"),
     "svhn": _torchvision("svhn"),
 }

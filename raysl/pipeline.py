@@ -12,7 +12,8 @@ Layout of ``out/``::
     cache/proba-*.npz       backend probabilities for every unlabeled row
     pseudo_labels.parquet   row, label, confidence, backend, selected
     joint/                  the jointly trained classifier (model.pt, result.json)
-    model.pt                the final model (joint), loadable with weights_only=True
+    model.pt                the final model: joint or baseline, whichever scores higher on the
+                            validation split (metrics.json ``final`` says which and why)
     metrics.json            everything measured
     ray/                    Ray Train runs and checkpoints
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysl.backends import BACKENDS, FitContext, backend_section
+from raysl.backends import AUTO_BACKENDS, BACKENDS, FitContext, backend_section
 from raysl.backends.base import FitResult, LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, dump_yaml
 from raysl.data import Split, load_dataset, make_split, shard
@@ -39,10 +41,12 @@ from raysl.errors import ConfigError
 from raysl.io import write_json, write_text, write_with
 from raysl.metrics import expected_calibration_error, pseudo_label_metrics
 from raysl.models import build_model
-from raysl.select import Selection, select
-from raysl.train import TrainData, accuracy, state_from_numpy
+from raysl.preprocess import Standardize, standardize_split
+from raysl.select import Selection, class_prior, select, total_variation
+from raysl.train import TrainData, accuracy, predict_proba, state_from_numpy
 
 Log = Callable[[str], None]
+logger = logging.getLogger("raysl")
 
 
 def cache_key(*parts: Any) -> str:
@@ -73,26 +77,34 @@ def json_safe(obj: Any) -> Any:
 def check(cfg: Config) -> Split:
     """Validate names and data and build the split: everything that can fail on bad input,
     before Ray starts."""
-    if cfg.backend.name not in BACKENDS:
+    if cfg.backend.name not in (*BACKENDS, "auto"):
         raise ConfigError(f"backend.name={cfg.backend.name!r}: unknown backend; allowed: "
-                          f"{', '.join(BACKENDS)}")
-    return make_split(load_dataset(cfg.data), cfg.data)
+                          f"auto, {', '.join(BACKENDS)}")
+    split = make_split(load_dataset(cfg.data), cfg.data)
+    return standardize_split(split, cfg.data.n_shards) if cfg.data.standardize else split
 
 
 # -- stage 1 and 4: classifiers -------------------------------------------------------------
 
 def _save_model(path: Path, state: dict[str, np.ndarray], split: Split, cfg: Config) -> None:
-    payload = {"model": state_from_numpy(state), "input_shape": list(split.input_shape),
-               "n_classes": split.n_classes, "hidden": cfg.train.hidden}
+    payload: dict[str, Any] = {"model": state_from_numpy(state),
+                               "input_shape": list(split.input_shape),
+                               "n_classes": split.n_classes, "hidden": cfg.train.hidden}
+    if split.standardizer is not None:  # predictions then take raw inputs
+        payload["preprocess"] = split.standardizer.state()
     write_with(path, lambda p: torch.save(payload, p))
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
     """Load a ``model.pt`` written by raysl, in eval mode (weights only: no code runs on
-    load)."""
+    load). The module takes raw inputs ``(n, ...)`` (the saved standardization, if any, is its
+    first layer) and returns logits ``(n, C)``."""
     saved = torch.load(Path(path), map_location="cpu", weights_only=True)
     model = build_model(tuple(saved["input_shape"]), saved["n_classes"], saved["hidden"])
     model.load_state_dict(saved["model"])
+    if "preprocess" in saved:
+        pre = saved["preprocess"]
+        model = torch.nn.Sequential(Standardize(pre["mean"], pre["scale"]), model)
     return model.eval()
 
 
@@ -122,10 +134,12 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     model = build_model(split.input_shape, split.n_classes, cfg.train.hidden)
     model.load_state_dict(state_from_numpy(outcome.state))
     _save_model(d / "model.pt", outcome.state, split, cfg)
+    val_proba = predict_proba(model, split.x_val)
     record = {
         "key": key,
         "test_accuracy": accuracy(model, split.x_test, split.y_test),
-        "val_accuracy": accuracy(model, split.x_val, split.y_val),
+        "val_accuracy": _accuracy(val_proba, split.y_val),
+        "val_ece": expected_calibration_error(val_proba, split.y_val),
         "seconds": outcome.seconds,
         "epochs": len(outcome.history),
         "resumed_from_epoch": outcome.resumed_from_epoch,
@@ -175,10 +189,27 @@ def fit_backend(split: Split, cfg: Config, ctx: FitContext, use_ray: bool,
     return fit(factory(b, ctx), local, split.x_l, split.y_l, progress=progress), 1
 
 
+def _accuracy(proba: np.ndarray, y: np.ndarray) -> float:
+    return float((proba.argmax(1) == y).mean()) if len(y) else float("nan")
+
+
 def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[str, Any],
                  log: Log, use_ray: bool = True) -> dict[str, Any]:
     """Stage 2: fit the backend over the unlabeled shards (Ray actors, or a local loop) and
-    cache its probabilities. Returns ``{"proba": (n_u, C), "key", "seconds", ...}``."""
+    cache its probabilities. Returns ``{"backend", "proba": (n_u, C), "val_proba": (n_val, C),
+    "val_accuracy", "val_ece", "key", "seconds", ...}``: every backend also predicts the
+    labeled validation rows, an honest estimate of its accuracy and calibration.
+
+    ``backend.name=auto`` fits each of :data:`AUTO_BACKENDS` and returns the one with the best
+    validation accuracy, with every candidate's record under ``"ranked"`` (best first)."""
+    if cfg.backend.name == "auto":
+        recs = [pseudo_label(split, replace(cfg, backend=replace(cfg.backend, name=name)), out,
+                             classifier_state, log, use_ray) for name in AUTO_BACKENDS]
+        ranked = sorted(recs, key=lambda r: -_nan_low(r["val_accuracy"]))  # stable: ties
+        log("[pseudo-label] auto: validation accuracy " + ", ".join(
+            f"{r['backend']} {_pct(r['val_accuracy'])}" for r in recs)
+            + f"; best: {ranked[0]['backend']}")
+        return {**ranked[0], "ranked": ranked}
     b = cfg.backend
     ctx = FitContext(split.n_classes, split.input_shape, cfg.data.seed, cfg.train.hidden,
                      classifier_state if b.name == "self" else None)
@@ -187,40 +218,58 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                classifier_state if b.name == "self" else None,
                *(["calibrated"] if b.calibrate else []))  # old keys stay valid when off
     path = out / "cache" / f"proba-{b.name}-{key}.npz"
+    cached = None
     if path.is_file():
         with np.load(path) as f:
-            log(f"[pseudo-label] cached {b.name} probabilities found ({path}); no refit")
-            return {"proba": f["proba"], "key": key, "seconds": float(f["seconds"]),
-                    "rounds": int(f["rounds"]), "objective": f["objective"].tolist(),
-                    "nodes": int(f["nodes"]), "cached": True}
-    factory = BACKENDS[b.name]
-    log(f"[pseudo-label] fitting {b.name} over {cfg.data.n_shards} shard(s) of "
-        f"{len(split.x_u)} unlabeled rows" + (" with Ray actors" if use_ray else ""))
+            if "val_proba" in f.files:  # older caches lack it: refit
+                cached = {k: f[k] for k in f.files}
+    if cached is not None:
+        log(f"[pseudo-label] cached {b.name} probabilities found ({path}); no refit")
+        res_proba, val_proba = cached["proba"], cached["val_proba"]
+        info = {"seconds": float(cached["seconds"]), "rounds": int(cached["rounds"]),
+                "objective": cached["objective"].tolist(), "nodes": int(cached["nodes"]),
+                "cached": True}
+    else:
+        factory = BACKENDS[b.name]
+        log(f"[pseudo-label] fitting {b.name} over {cfg.data.n_shards} shard(s) of "
+            f"{len(split.x_u)} unlabeled rows" + (" with Ray actors" if use_ray else ""))
 
-    def progress(rnd: int, obj: float) -> None:
-        if rnd == 1 or rnd % 10 == 0:  # a set-up round (e.g. the GMM's PCA) has no objective
-            log(f"[pseudo-label] round {rnd}: " + (f"objective {obj:.6g}" if math.isfinite(obj)
-                                                  else "set-up (no objective yet)"))
+        def progress(rnd: int, obj: float) -> None:
+            if rnd == 1 or rnd % 10 == 0:  # a set-up round (e.g. the GMM's PCA): no objective
+                log(f"[pseudo-label] round {rnd}: " + (
+                    f"objective {obj:.6g}" if math.isfinite(obj)
+                    else "set-up (no objective yet)"))
 
-    res, nodes = fit_backend(split, cfg, ctx, use_ray, progress)
-    if b.calibrate and len(split.y_val):
-        # Temperature scaling on the validation split: the fitted backend predicts x_val on
-        # the driver; the argmax labels don't change, the confidences do.
-        from raysl.calibration import apply_temperature, fit_temperature
-
+        res, nodes = fit_backend(split, cfg, ctx, use_ray, progress)
+        # The fitted backend predicts the validation rows on the driver (they are few).
         labeler = factory(b, ctx)
         labeler.load_state_dict(res.state)
-        temperature = fit_temperature(labeler.predict_proba(split.x_val), split.y_val)
-        res.proba = apply_temperature(res.proba, temperature)
-        log(f"[pseudo-label] temperature scaling on {len(split.y_val)} validation rows: "
-            f"T={temperature:.3g}")
-    log(f"[pseudo-label] {b.name}: {res.rounds} round(s) in {res.seconds:.1f}s on "
-        f"{nodes} node(s)")
-    obj = np.asarray(res.objective, np.float64)
-    write_with(path, lambda p: np.savez(p.open("wb"), proba=res.proba, seconds=res.seconds,
-                                        rounds=res.rounds, objective=obj, nodes=nodes))
-    return {"proba": res.proba, "key": key, "seconds": res.seconds, "rounds": res.rounds,
-            "objective": res.objective, "nodes": nodes, "cached": False}
+        res_proba, val_proba = res.proba, labeler.predict_proba(split.x_val)
+        if b.calibrate and len(split.y_val):
+            # Temperature scaling on the validation split: the argmax labels don't change,
+            # the confidences do.
+            from raysl.calibration import apply_temperature, fit_temperature
+
+            temperature = fit_temperature(val_proba, split.y_val)
+            res_proba = apply_temperature(res_proba, temperature)
+            val_proba = apply_temperature(val_proba, temperature)
+            log(f"[pseudo-label] temperature scaling on {len(split.y_val)} validation rows: "
+                f"T={temperature:.3g}")
+        log(f"[pseudo-label] {b.name}: {res.rounds} round(s) in {res.seconds:.1f}s on "
+            f"{nodes} node(s)")
+        obj = np.asarray(res.objective, np.float64)
+        write_with(path, lambda p: np.savez(p.open("wb"), proba=res_proba, val_proba=val_proba,
+                                            seconds=res.seconds, rounds=res.rounds,
+                                            objective=obj, nodes=nodes))
+        info = {"seconds": res.seconds, "rounds": res.rounds, "objective": res.objective,
+                "nodes": nodes, "cached": False}
+    return {"backend": b.name, "proba": res_proba, "val_proba": val_proba, "key": key,
+            "val_accuracy": _accuracy(val_proba, split.y_val),
+            "val_ece": expected_calibration_error(val_proba, split.y_val), **info}
+
+
+def _nan_low(x: float) -> float:
+    return x if math.isfinite(x) else -1.0
 
 
 # -- stage 3: selection ---------------------------------------------------------------------
@@ -264,7 +313,7 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
     online: dict[str, Any] = {}
     if cfg.train.fixmatch:
         online = {"x_u": split.x_u, "y_u": split.y_u}
-        if cfg.train.offline == "prior":  # every row's backend label, kept or not
+        if cfg.train.offline == "prior" and m.any():  # every row's label, kept or not
             online.update(prior_label=sel.labels, prior_conf=sel.conf.astype(np.float32))
     data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
@@ -292,16 +341,88 @@ def relabel_rounds(split: Split, cfg: Config, out: Path, log: Log) -> tuple[str,
 
 # -- the whole thing ------------------------------------------------------------------------
 
-def selection(split: Split, cfg: Config, proba: np.ndarray) -> tuple[Selection, dict]:
+def selection(split: Split, cfg: Config, proba: np.ndarray,
+              backend: str | None = None) -> tuple[Selection, dict]:
     """Apply ``cfg.select`` to the backend's probabilities (n_u, C); returns the selection and
-    its metrics (precision/coverage against the known true labels, ECE, per-class counts)."""
+    its metrics: precision/coverage against the known true labels, ECE, per-class counts, and
+    the total-variation distance of the kept labels' class distribution from the labeled
+    rows' (``tv_distance``)."""
     s = cfg.select
-    sel = select(proba, s.criterion, s.threshold, s.k_best)
+    prior = class_prior(split.y_l, split.n_classes)
+    if s.align:
+        from raysl.select import align_to_prior
+
+        proba = align_to_prior(proba, prior)
+    sel = select(proba, s.criterion, s.threshold, s.k_best, prior, s.per_class_share)
     m = pseudo_label_metrics(sel, split.y_u)
-    m.update(backend=cfg.backend.name, criterion=s.criterion, threshold=s.threshold,
-             ece=expected_calibration_error(proba, split.y_u),
-             per_class=sel.per_class(split.n_classes))
+    kept = sel.per_class(split.n_classes)
+    tv = (total_variation(np.asarray(kept) / sum(kept), prior) if sum(kept)
+          else float("nan"))
+    m.update(backend=backend or cfg.backend.name, criterion=s.criterion,
+             threshold=s.threshold, ece=expected_calibration_error(proba, split.y_u),
+             per_class=kept, tv_distance=tv)
     return sel, m
+
+
+def guard_reason(cfg: Config, baseline_val_accuracy: float, m: dict[str, Any]) -> str | None:
+    """Why the pseudo-labels described by metrics ``m`` (from :func:`selection` plus the
+    backend's ``val_accuracy``) would likely hurt, or None when they pass the guard."""
+    s = cfg.select
+    acc = m.get("val_accuracy", float("nan"))
+    if math.isfinite(acc) and math.isfinite(baseline_val_accuracy) \
+            and acc < baseline_val_accuracy - s.guard_margin:
+        return (f"validation accuracy {_pct(acc)} is below the baseline's "
+                f"{_pct(baseline_val_accuracy)} by more than select.guard_margin="
+                f"{s.guard_margin}")
+    tv = m.get("tv_distance", float("nan"))
+    if math.isfinite(tv) and tv > s.guard_max_tv:
+        return (f"the kept labels' class distribution is {tv:.2f} (total variation) from the "
+                f"labeled rows', more than select.guard_max_tv={s.guard_max_tv}")
+    return None
+
+
+def choose_pseudo_labels(split: Split, cfg: Config, pl: dict[str, Any],
+                         baseline_val_accuracy: float
+                         ) -> tuple[Selection, dict[str, Any], dict[str, Any]]:
+    """The selection from the first backend (best validation accuracy first, with ``auto``)
+    whose labels pass the guard; when none does, a warning and an empty selection (joint
+    training then uses no offline pseudo-labels). Returns (selection, its metrics, guard)."""
+    reasons: list[str] = []
+    first: tuple[Selection, dict[str, Any]] | None = None
+    for rec in pl.get("ranked", [pl]):
+        sel, m = selection(split, cfg, rec["proba"], rec["backend"])
+        m.update(val_accuracy=rec["val_accuracy"], val_ece=rec["val_ece"],
+                 fit_seconds=rec["seconds"], rounds=rec["rounds"], nodes=rec["nodes"],
+                 cached=rec["cached"])
+        first = first or (sel, m)
+        reason = guard_reason(cfg, baseline_val_accuracy, m) if cfg.select.guard else None
+        if reason is None:
+            return sel, m, {"tripped": False, "used": rec["backend"], "rejected": reasons}
+        reasons.append(f"{rec['backend']}: {reason}")
+    assert first is not None
+    sel, m = first
+    msg = ("pseudo-labels not used, joint training without them: " + "; ".join(reasons))
+    logger.warning(msg)
+    empty = Selection(np.zeros_like(sel.mask), sel.labels, sel.conf)
+    m.update(coverage=0.0, n_selected=0, precision=float("nan"))
+    return empty, m, {"tripped": True, "used": None, "rejected": reasons, "message": msg}
+
+
+def final_choice(base: dict[str, Any] | None, last: dict[str, Any],
+                 last_stage: str) -> dict[str, Any]:
+    """The final model: the joint one unless the baseline scores strictly higher on the
+    validation split (ties keep the joint model). ``base`` None: no baseline to compare."""
+    pick = {"model": last_stage, "test_accuracy": last["test_accuracy"],
+            "val_accuracy": last["val_accuracy"]}
+    if base is None:
+        return {**pick, "reason": "no baseline result in this output directory"}
+    b, j = _nan_low(base["val_accuracy"]), _nan_low(last["val_accuracy"])
+    if b > j:
+        return {"model": "baseline", "test_accuracy": base["test_accuracy"],
+                "val_accuracy": base["val_accuracy"],
+                "reason": f"the baseline scored higher on validation ({_pct(b)} vs "
+                          f"{_pct(j)} for {last_stage})"}
+    return {**pick, "reason": f"validation accuracy {_pct(j)} >= the baseline's {_pct(b)}"}
 
 
 def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
@@ -325,35 +446,47 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
         metrics: dict[str, Any] = {"data": {
             "dataset": cfg.data.dataset, "n_labeled": len(split.y_l),
             "n_unlabeled": len(split.x_u), "n_val": len(split.y_val),
-            "n_test": len(split.y_test), "split_key": split.key}}
+            "n_test": len(split.y_test), "split_key": split.key,
+            "standardized": split.standardizer is not None}}
         pq_path = out / "pseudo_labels.parquet"
+        base: dict[str, Any] | None = None
         if stages in ("all", "pseudo-label"):
             base = baseline(split, cfg, out, log)
-            metrics["baseline"] = {k: base[k] for k in ("test_accuracy", "val_accuracy",
-                                                        "seconds", "nodes", "cached")}
             classifier = load_state(out / "baseline" / "model.pt")
             pl = pseudo_label(split, cfg, out, classifier, log)
-            sel, plm = selection(split, cfg, pl["proba"])
-            plm.update(fit_seconds=pl["seconds"], rounds=pl["rounds"], nodes=pl["nodes"],
-                       cached=pl["cached"])
+            sel, plm, metrics["guard"] = choose_pseudo_labels(split, cfg, pl,
+                                                              base["val_accuracy"])
             metrics["pseudo_labels"] = plm
-            write_pseudo_labels(pq_path, split, sel, cfg.backend.name)
+            if "ranked" in pl:
+                metrics["auto"] = {r["backend"]: {"val_accuracy": r["val_accuracy"],
+                                                  "val_ece": r["val_ece"]} for r in pl["ranked"]}
+            write_pseudo_labels(pq_path, split, sel, plm["backend"])
         else:
             sel, name = read_pseudo_labels(pq_path, split)
             metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u), "backend": name}
+            record = out / "baseline" / "result.json"
+            base = json.loads(record.read_text()) if record.is_file() else None
+        if base is not None:
+            metrics["baseline"] = {k: base.get(k) for k in (
+                "test_accuracy", "val_accuracy", "val_ece", "seconds", "nodes", "cached")}
         if stages in ("all", "train"):
             j = joint(split, cfg, out, sel, log)
             metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds",
                                                   "epochs", "resumed_from_epoch", "nodes",
                                                   "cached")}
             last, rounds = relabel_rounds(split, cfg, out, log)
+            last_rec = metrics["joint"]
             if rounds:
                 metrics["relabel"] = rounds
                 metrics["joint"].update({k: rounds[-1][k] for k in ("test_accuracy",
                                                                      "val_accuracy")})
                 metrics["joint"]["first_round_test_accuracy"] = j["test_accuracy"]
-            write_with(out / "model.pt",
-                       lambda p: p.write_bytes((out / last / "model.pt").read_bytes()))
+            final = final_choice(base, last_rec, last)
+            metrics["final"] = final
+            if final["model"] == "baseline":
+                logger.warning("the final model is the baseline: %s", final["reason"])
+            src = out / ("baseline" if final["model"] == "baseline" else last) / "model.pt"
+            write_with(out / "model.pt", lambda p: p.write_bytes(src.read_bytes()))
     finally:
         if started:
             import ray
@@ -381,22 +514,32 @@ def summary(m: dict[str, Any], out: Path) -> str:
     if "baseline" in m:
         rows.append(("baseline (labeled only)", "test accuracy",
                      _pct(m["baseline"]["test_accuracy"])))
+    if "baseline" in m and m["baseline"].get("val_accuracy") is not None:
+        rows.append(("", "validation accuracy", _pct(m["baseline"]["val_accuracy"])))
     if "pseudo_labels" in m:
         p = m["pseudo_labels"]
         rows.append((f"pseudo-labels ({p.get('backend', '?')})", "argmax accuracy",
                      _pct(p.get("argmax_accuracy"))))
+        if "val_accuracy" in p:
+            rows.append(("", "validation accuracy", _pct(p["val_accuracy"])))
         crit = (f"conf > {p['threshold']}" if p.get("criterion") == "threshold"
                 else p.get("criterion", "selected"))
         rows.append(("", f"coverage ({crit})", f"{_pct(p['coverage'])} ({p['n_selected']} rows)"))
         rows.append(("", "precision of kept", _pct(p["precision"])))
-        if "ece" in p:
+        if p.get("ece") is not None:
             rows.append(("", "calibration error (ECE)", f"{p['ece']:.3f}"))
+        if m.get("guard", {}).get("tripped"):
+            rows.append(("", "guard", "tripped: not used (see metrics.json guard)"))
     if "joint" in m:
         first = m["joint"].get("first_round_test_accuracy", m["joint"]["test_accuracy"])
         rows.append(("joint (labeled + pseudo)", "test accuracy", _pct(first)))
-    for r in m.get("relabel", []):  # the last of these is the final model
+    for r in m.get("relabel", []):
         rows.append((f"re-label round {r['round']} (self)", "test accuracy",
                      _pct(r["test_accuracy"])))
+    if "final" in m:
+        f = m["final"]
+        rows.append((f"final model ({f['model']})", "test accuracy", _pct(f["test_accuracy"])))
+        rows.append(("", "chosen because", f["reason"]))
     w = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
     lines = ["", f"{'stage':<{w[0]}}  {'metric':<{w[1]}}  value", "-" * (sum(w) + 10)]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]

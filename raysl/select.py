@@ -22,23 +22,58 @@ class Selection:
         return np.bincount(self.labels[self.mask], minlength=n_classes).tolist()
 
 
+def class_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class distribution (C,) of labels ``y`` (n,) (rows with -1 ignored); uniform if empty."""
+    counts = np.bincount(y[y >= 0], minlength=n_classes).astype(np.float64)
+    return counts / counts.sum() if counts.sum() else np.full(n_classes, 1.0 / n_classes)
+
+
+def align_to_prior(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Distribution alignment (ReMixMatch, one shot): scale ``proba`` (n, C) by
+    ``prior / mean(proba)`` (C,) and renormalize, so the average label follows ``prior``."""
+    q = proba * (prior / np.maximum(proba.mean(0), 1e-12))
+    return q / np.maximum(q.sum(1, keepdims=True), 1e-300)
+
+
+def per_class_k(prior: np.ndarray, n_u: int, share: float) -> np.ndarray:
+    """Rows to keep per class (C,): ``share`` of the rows the prior expects in a pool of
+    ``n_u`` (at least 1 for a class the prior has)."""
+    k = np.floor(prior * n_u * share).astype(np.int64)
+    return np.where(prior > 0, np.maximum(k, 1), 0)
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """½ Σ |p - q| of two distributions (C,): 0 identical, 1 disjoint."""
+    return float(0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
 def select(proba: np.ndarray, criterion: str = "threshold", threshold: float = 0.95,
-           k_best: int = 100) -> Selection:
+           k_best: int = 100, prior: np.ndarray | None = None,
+           share: float = 0.5) -> Selection:
     """Pick pseudo-labels from class probabilities ``proba`` (n_u, C).
 
     ``threshold``: keep rows whose confidence exceeds ``threshold`` (strictly, as scikit-learn's
     SelfTrainingClassifier does, so 1.0 keeps nothing and 0.0 keeps everything).
     ``k_best``: keep the ``k_best`` most confident rows (all rows if there are fewer; ties go
     to the lower row index).
+    ``per_class``: for each class c, the :func:`per_class_k` most confident rows labelled c
+    (Yalniz et al. 2019; Noisy Student), so the kept labels follow ``prior`` (C,) (the labeled
+    rows' distribution; uniform if None) instead of the backend's biases.
     """
     labels = proba.argmax(axis=1).astype(np.int64)
     conf = proba.max(axis=1)
+    mask = np.zeros(len(conf), bool)
     if criterion == "threshold":
         mask = conf > threshold
     elif criterion == "k_best":
-        order = np.argsort(-conf, kind="stable")[:k_best]
-        mask = np.zeros(len(conf), bool)
-        mask[order] = True
+        mask[np.argsort(-conf, kind="stable")[:k_best]] = True
+    elif criterion == "per_class":
+        n_classes = proba.shape[1]
+        prior = np.full(n_classes, 1.0 / n_classes) if prior is None else prior
+        for c, k in enumerate(per_class_k(prior, len(conf), share)):
+            rows = np.flatnonzero(labels == c)
+            mask[rows[np.argsort(-conf[rows], kind="stable")[:k]]] = True
     else:
-        raise ValueError(f"select.criterion={criterion!r}: must be 'threshold' or 'k_best'")
+        raise ValueError(f"select.criterion={criterion!r}: must be 'threshold', 'k_best' or "
+                         "'per_class'")
     return Selection(mask, labels, conf)

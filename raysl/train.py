@@ -67,8 +67,11 @@ class TrainData:
 
 
 def steps_per_epoch(n_u: int, cfg: TrainConfig, world_size: int) -> int:
-    """One pass over the unlabeled pool at ``mu × batch_size`` rows per step and worker."""
-    return max(1, math.ceil(n_u / (cfg.mu * cfg.batch_size * max(world_size, 1))))
+    """One pass over the unlabeled pool at ``mu × batch_size`` rows per step and worker, but
+    at least ``min_steps`` in all: a pool of a hundred rows would otherwise give a couple of
+    steps per epoch, far too few to train any network."""
+    one_pass = math.ceil(n_u / (cfg.mu * cfg.batch_size * max(world_size, 1)))
+    return max(1, one_pass, math.ceil(cfg.min_steps / cfg.epochs))
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -195,7 +198,8 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
         idx_u = _rank_rows(len(data.x_u), steps, cfg, epoch, rank, world_size, keys=(3, 5))
         state = ssl_state if ssl_state is not None else {}
         use_prior = cfg.offline == "prior" and data.prior_label is not None
-        y_u = torch.from_numpy(data.y_u) if data.y_u is not None else None
+        # a copy: arrays from the object store are read-only, which torch warns about
+        y_u = torch.from_numpy(np.array(data.y_u)) if data.y_u is not None else None
         # kept, correct among kept, known among kept, correct, known (pseudo-label accuracy)
         counts = np.zeros(6)
     model.train()

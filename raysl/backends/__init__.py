@@ -35,9 +35,14 @@ BACKENDS: dict[str, BackendFactory] = {
 }
 
 
+# backend.name=auto fits these (cheap: no neural network to train beyond the baseline) and
+# keeps the one with the best validation accuracy; ties go to the earlier name.
+AUTO_BACKENDS: tuple[str, ...] = ("self", "gmm")
+
+
 def backend_section(cfg: BackendConfig) -> object:
     """The part of the backend config that changes the fit (its cache key)."""
     return getattr(cfg, cfg.name, None)
 
 
-__all__ = ["BACKENDS", "Backend", "FitContext", "backend_section"]
+__all__ = ["AUTO_BACKENDS", "BACKENDS", "Backend", "FitContext", "backend_section"]

@@ -136,7 +136,7 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
     # directory (both write the same result, atomically).
     split, base_rec, pl, _ = _upstream(cfg, Path(root), log, use_ray=False, verbose=False,
                                        run_name=f"baseline-{trial_id}")
-    sel, plm = pipeline.selection(split, cfg, pl["proba"])
+    sel, plm = pipeline.selection(split, cfg, pl["proba"], pl["backend"])
     j = pipeline.joint(split, cfg, tdir, sel, log, callbacks=[TuneReportCallback()],
                        run_name=f"train-{trial_id}", verbose=False)
     final = {

@@ -1,0 +1,112 @@
+"""Input preprocessing fitted from shard statistics and saved inside the model.
+
+Feature vectors are standardized (zero mean, unit variance per column): a user's unscaled
+columns (a feature in thousands beside one in fractions) otherwise leave SGD training and the
+GMM's PCA dominated by the largest column. The statistics come from the training rows (labeled
+rows plus the unlabeled shards), merged from per-shard moments with Chan et al.'s pairwise
+update, so any shard count gives the same transform up to rounding. Images keep [0, 1].
+
+The transform travels with the model (:class:`Standardize`, a module with buffers), so a
+saved ``model.pt`` predicts on raw inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # raysl.data imports this module
+    from raysl.data import Split
+
+# Columns whose std is below this (relative to 1) are constant: scaled by 1, only centered.
+_MIN_STD = 1e-8
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-column count, mean and sum of squared deviations of a set of rows."""
+
+    n: int
+    mean: np.ndarray  # (d,) float64
+    m2: np.ndarray  # (d,) float64
+
+    @staticmethod
+    def of(x: np.ndarray) -> Moments:
+        """Moments of rows ``x`` (n, d)."""
+        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        if len(x) == 0:
+            return Moments(0, np.zeros(x.shape[1]), np.zeros(x.shape[1]))
+        mean = x.mean(0)
+        return Moments(len(x), mean, ((x - mean) ** 2).sum(0))
+
+    def __add__(self, other: Moments) -> Moments:
+        """Pairwise merge (Chan, Golub & LeVeque 1979): exact, and stable unlike Σx²."""
+        n = self.n + other.n
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+
+@dataclass(frozen=True, eq=False)
+class Standardizer:
+    """``(x - mean) / scale`` per column; ``scale`` is 1 for constant columns."""
+
+    mean: np.ndarray  # (d,) float32
+    scale: np.ndarray  # (d,) float32
+
+    @staticmethod
+    def from_moments(parts: Sequence[Moments]) -> Standardizer:
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        std = np.sqrt(total.m2 / max(total.n, 1))
+        scale = np.where(std > _MIN_STD * np.maximum(1.0, np.abs(total.mean)), std, 1.0)
+        return Standardizer(total.mean.astype(np.float32), scale.astype(np.float32))
+
+    @staticmethod
+    def fit(shards: Sequence[np.ndarray]) -> Standardizer:
+        """From row blocks (each (n_i, d)), as the shard actors would report them."""
+        return Standardizer.from_moments([Moments.of(s) for s in shards])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(n, d) raw -> (n, d) float32 standardized."""
+        return ((np.asarray(x, np.float32) - self.mean) / self.scale).astype(np.float32)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"mean": torch.from_numpy(self.mean.copy()),
+                "scale": torch.from_numpy(self.scale.copy())}
+
+
+class Standardize(nn.Module):
+    """The saved transform as the model's first layer: (n, d) raw -> (n, d) standardized."""
+
+    def __init__(self, mean: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("scale", scale.float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.scale
+
+
+def standardize_split(split: Split, n_shards: int) -> Split:
+    """The split with every x standardized by statistics of its training rows: the labeled rows
+    and the ``n_shards`` unlabeled shards (as the shard actors see them). Images and splits that
+    are already standardized come back unchanged."""
+    from raysl.data import shard
+
+    if len(split.input_shape) != 1 or split.standardizer is not None:
+        return split
+    st = Standardizer.fit([split.x_l, *shard(split.x_u, n_shards)])
+    key = hashlib.sha256(f"{split.key}:standardized".encode()).hexdigest()[:16]
+    return replace(split, x_l=st(split.x_l), x_u=st(split.x_u), x_val=st(split.x_val),
+                   x_test=st(split.x_test), standardizer=st, key=key)
