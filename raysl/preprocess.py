@@ -39,7 +39,8 @@ class Moments:
     @staticmethod
     def of(x: np.ndarray) -> Moments:
         """Moments of rows ``x`` (n, d)."""
-        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        x = np.asarray(x, np.float64)
+        x = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
         if len(x) == 0:
             return Moments(0, np.zeros(x.shape[1]), np.zeros(x.shape[1]))
         mean = x.mean(0)

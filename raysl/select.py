@@ -58,7 +58,8 @@ def select(proba: np.ndarray, criterion: str = "threshold", threshold: float = 0
     to the lower row index).
     ``per_class``: for each class c, the :func:`per_class_k` most confident rows labelled c
     (Yalniz et al. 2019; Noisy Student), so the kept labels follow ``prior`` (C,) (the labeled
-    rows' distribution; uniform if None) instead of the backend's biases.
+    rows' distribution; uniform if None) instead of the backend's biases; when a class has
+    fewer rows than that, every class keeps the same smaller share of its quota.
     """
     labels = proba.argmax(axis=1).astype(np.int64)
     conf = proba.max(axis=1)
@@ -70,9 +71,15 @@ def select(proba: np.ndarray, criterion: str = "threshold", threshold: float = 0
     elif criterion == "per_class":
         n_classes = proba.shape[1]
         prior = np.full(n_classes, 1.0 / n_classes) if prior is None else prior
-        for c, k in enumerate(per_class_k(prior, len(conf), share)):
+        k = per_class_k(prior, len(conf), share)
+        have = np.bincount(labels, minlength=n_classes)
+        # A class the backend rarely predicts scales every class down alike, so the kept
+        # labels keep the prior's proportions (rather than duplicating its few rows).
+        fill = min(1.0, *(have[k > 0] / k[k > 0])) if (k > 0).any() else 1.0
+        k = np.floor(k * fill + 1e-9).astype(np.int64)
+        for c in range(n_classes):
             rows = np.flatnonzero(labels == c)
-            mask[rows[np.argsort(-conf[rows], kind="stable")[:k]]] = True
+            mask[rows[np.argsort(-conf[rows], kind="stable")[:k[c]]]] = True
     else:
         raise ValueError(f"select.criterion={criterion!r}: must be 'threshold', 'k_best' or "
                          "'per_class'")

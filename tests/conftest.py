@@ -36,6 +36,7 @@ def one_torch_thread() -> Iterator[None]:
 def tiny_config() -> Config:
     """digits, a few epochs, 2 DDP workers at 0.5 CPU: the whole pipeline in ~1 minute."""
     return apply_overrides(Config(), {
-        "train.epochs": 3, "train.num_workers": 2, "train.cpus_per_worker": 0.5,
+        "train.epochs": 3, "train.min_steps": 0, "train.num_workers": 2,
+        "train.cpus_per_worker": 0.5,
         "backend.gmm.max_iter": 8, "data.n_shards": 2,
     })

@@ -25,7 +25,8 @@ def main(out: str) -> None:
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
         cfg = apply_overrides(Config(), {
-            "train.epochs": 2, "train.num_workers": 2, "train.cpus_per_worker": 1,
+            "train.epochs": 2, "train.min_steps": 0, "train.num_workers": 2,
+            "train.cpus_per_worker": 1,
             "backend.actor_cpus": 1, "data.n_shards": 2, "backend.gmm.max_iter": 5})
         metrics = pipeline.run(cfg, out, log=lambda s: print(s, file=sys.stderr))
         metrics["cluster_nodes"] = len([n for n in ray.nodes() if n["Alive"]])

@@ -21,7 +21,7 @@ def _raysl(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("args", "needle"), [
     (["--set", "select.threshold=1.5"], "select.threshold=1.5: must be in [0.0, 1.0]"),
     (["--set", "data.dataset=nope"], "data.dataset='nope': unknown dataset"),
-    (["--set", "backend.name=magic"], "backend.name='magic': unknown backend; allowed: gmm"),
+    (["--set", "backend.name=magic"], "backend.name='magic': unknown backend; allowed: auto, gmm"),
     (["--set", "train.lambda_uu=1"], "unknown config key 'train.lambda_uu'; valid keys:"),
     (["--set", "data.labels_per_class=500"], "data.labels_per_class=500: class 0 has"),
     (["--set", "data.n_shards=5000"], "data.n_shards=5000: more shards than unlabeled rows"),

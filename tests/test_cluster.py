@@ -81,7 +81,7 @@ def test_train_worker_dying_mid_epoch_restarts_from_checkpoint(split, tmp_path: 
     e = np.zeros((0, *split.input_shape), np.float32)
     data = TrainData(split.x_l, split.y_l, e, np.zeros(0, np.int64), np.zeros(0, np.float32),
                      split.x_val, split.y_val, len(split.x_u))
-    cfg = TrainConfig(epochs=3, num_workers=2, cpus_per_worker=0.5)
+    cfg = TrainConfig(epochs=3, num_workers=2, cpus_per_worker=0.5, min_steps=0)
     args = (data, cfg, split.input_shape, split.n_classes, tmp_path)
     fault = Fault(str(tmp_path / "fired"), at=1, shard=1, exit=True)  # rank 1, epoch 1
     survived = train_classifier(*args, "dies", max_failures=1, fault=fault, verbose=False)
@@ -94,7 +94,8 @@ def test_train_worker_dying_mid_epoch_restarts_from_checkpoint(split, tmp_path: 
 
 
 def _tiny(overrides: dict[str, object] | None = None) -> Config:
-    return apply_overrides(Config(), {"train.epochs": 8, "train.num_workers": 1,
+    return apply_overrides(Config(), {"train.epochs": 8, "train.min_steps": 0,
+                                      "train.num_workers": 1,
                                       "backend.gmm.max_iter": 5, **(overrides or {})})
 
 
@@ -183,7 +184,7 @@ def test_job_submitted_to_a_local_head_succeeds(local_head: str, tmp_path: Path)
     out = tmp_path / "job-out"
     job = client.submit_job(
         entrypoint="python jobs/run.py --config jobs/configs/digits.yaml "
-                   "--set train.epochs=2 --set train.num_workers=1 "
+                   "--set train.epochs=2 --set train.min_steps=0 --set train.num_workers=1 "
                    f"--set backend.gmm.max_iter=5 --out {out}",
         runtime_env={"working_dir": str(ROOT)})
     deadline = time.time() + 400

@@ -241,7 +241,7 @@ def test_pipeline_calibrate_keeps_labels_and_changes_confidences(split: Split,
                                                                  tmp_path: Path) -> None:
     from raysl.pipeline import pseudo_label
 
-    base = apply_overrides(Config(), {"backend.gmm.max_iter": 5})
+    base = apply_overrides(Config(), {"backend.name": "gmm", "backend.gmm.max_iter": 5})
     cal = apply_overrides(base, {"backend.calibrate": True})
     plain = pseudo_label(split, base, tmp_path, {}, lambda s: None, use_ray=False)
     lines: list[str] = []

@@ -96,7 +96,7 @@ def test_training_resumes_from_checkpoint_after_a_crash(split, tmp_path: Path) -
     ends with exactly the weights of a run that never failed (epochs are safe to redo)."""
     from raysl.distributed.trainer import train_classifier
 
-    cfg = TrainConfig(epochs=4, num_workers=1, cpus_per_worker=0.5)
+    cfg = TrainConfig(epochs=4, num_workers=1, cpus_per_worker=0.5, min_steps=0)
     args = (_train_data(split), cfg, split.input_shape, split.n_classes, tmp_path)
     fault = Fault(str(tmp_path / "fired"), at=3, exit=False)
     with pytest.raises(Exception, match="injected fault"):
@@ -160,15 +160,18 @@ def test_run_end_to_end_writes_sane_outputs_and_resumes(tiny_config: Config,
 def test_relabel_rounds_retrain_from_the_last_joint_model(tiny_config: Config,
                                                           tmp_path: Path) -> None:
     """backend.relabel_rounds=2: the first joint model re-labels the pool (as `self`) and a
-    second joint model is trained; it is the final model, and rerunning finds it cached."""
-    cfg = apply_overrides(tiny_config, {"backend.relabel_rounds": 2})
+    second joint model is trained; it is the final model unless the baseline scores higher
+    on validation, and rerunning finds it cached."""
+    cfg = apply_overrides(tiny_config, {"backend.relabel_rounds": 2, "backend.name": "gmm"})
     out = tmp_path / "run"
     m = pipeline.run(cfg, out, log=lambda s: None)
     assert [r["round"] for r in m["relabel"]] == [2]
     r2 = m["relabel"][0]
     assert r2["pseudo_labels"]["backend"] == "self"
     assert (out / "joint" / "model.pt").is_file() and (out / "joint-2" / "model.pt").is_file()
-    assert (out / "model.pt").read_bytes() == (out / "joint-2" / "model.pt").read_bytes()
+    assert m["final"]["model"] in ("joint-2", "baseline")
+    chosen = out / m["final"]["model"] / "model.pt"
+    assert (out / "model.pt").read_bytes() == chosen.read_bytes()
     assert m["joint"]["test_accuracy"] == r2["test_accuracy"]
     # the re-labelled pool is the first joint model's predictions, not the gmm's
     gmm_cache = list((out / "cache").glob("proba-gmm-*.npz"))

@@ -29,7 +29,10 @@ from raysl.train import (
 
 N_CLASSES = 3
 ID_SCALE = 1e-4
-CFG = TrainConfig(epochs=2, batch_size=8, mu=2, lr=0.05, hidden=32, num_workers=0, seed=0)
+# The offline loop as it was before FixMatch became the default: no online labels, no EMA,
+# PyTorch's initial weights, no step floor.
+CFG = TrainConfig(epochs=2, batch_size=8, mu=2, lr=0.05, hidden=32, num_workers=0, seed=0,
+                  fixmatch=False, ema=0.0, init="torch", min_steps=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -158,6 +161,10 @@ def test_steps_per_epoch_and_learning_rate() -> None:
     assert steps_per_epoch(200, CFG, 1) == math.ceil(200 / 16)
     assert steps_per_epoch(200, CFG, 2) == math.ceil(200 / 32)
     assert steps_per_epoch(0, CFG, 1) == 1
+    # a small pool: the step floor spreads min_steps over the epochs
+    floor = TrainConfig(**{**CFG.__dict__, "min_steps": 101, "epochs": 10})
+    assert steps_per_epoch(20, floor, 1) == 11
+    assert steps_per_epoch(2000, floor, 1) == math.ceil(2000 / 16)  # a long pass wins
     total = 100
     lrs = [learning_rate(CFG, s, total) for s in range(total)]
     assert lrs[0] == CFG.lr

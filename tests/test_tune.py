@@ -197,7 +197,8 @@ def test_report_writes_table_plots_best_and_links(tmp_path: Path) -> None:
 
 def _tiny(extra: dict | None = None) -> Config:
     return apply_overrides(Config(), {
-        "train.epochs": 2, "train.num_workers": 1, "train.cpus_per_worker": 0.45,
+        "train.epochs": 2, "train.min_steps": 0, "train.num_workers": 1,
+        "train.cpus_per_worker": 0.45,
         "backend.gmm.max_iter": 5, **(extra or {})})
 
 

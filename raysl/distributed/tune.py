@@ -136,7 +136,8 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
     # directory (both write the same result, atomically).
     split, base_rec, pl, _ = _upstream(cfg, Path(root), log, use_ray=False, verbose=False,
                                        run_name=f"baseline-{trial_id}")
-    sel, plm = pipeline.selection(split, cfg, pl["proba"], pl["backend"])
+    # the same pseudo-labels as `raysl run` with this config: a replay of best.yaml matches
+    sel, plm, _ = pipeline.choose_pseudo_labels(split, cfg, pl, base_rec["val_accuracy"])
     j = pipeline.joint(split, cfg, tdir, sel, log, callbacks=[TuneReportCallback()],
                        run_name=f"train-{trial_id}", verbose=False)
     final = {
