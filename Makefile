@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 ARGS   ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check raysl tests jobs
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# unit tests only (no Ray session): a couple of minutes, for iterating
+test-fast: $(STAMP)
+	$(BIN)/ruff check raysl tests jobs
+	$(BIN)/pytest -q -p no:cacheprovider -m "not ray"
 
 lint: $(STAMP)
 	$(BIN)/ruff check raysl tests jobs
