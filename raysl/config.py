@@ -23,7 +23,7 @@ from raysl.errors import ConfigError
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"  # a name in raysl.data.DATASETS, or a path to .npz / .parquet
-    root: str = "~/.cache/raysl/data"  # where torchvision datasets live
+    root: str = "~/.cache/raysl/data"  # torchvision datasets and MNIST-format idx files
     download: bool = False  # only torchvision datasets, only on a networked machine
     labels_per_class: int = 5
     val_per_class: int = 5  # a small labeled validation split (Oliver et al. 2018)
