@@ -42,7 +42,7 @@ from raysl.io import write_json, write_text, write_with
 from raysl.metrics import expected_calibration_error, pseudo_label_metrics
 from raysl.models import build_model
 from raysl.preprocess import Standardize, standardize_split
-from raysl.select import Selection, class_prior, select, total_variation
+from raysl.select import Selection, align_to_prior, class_prior, select, total_variation
 from raysl.train import TrainData, accuracy, predict_proba, state_from_numpy
 
 Log = Callable[[str], None]
@@ -350,8 +350,6 @@ def selection(split: Split, cfg: Config, proba: np.ndarray,
     s = cfg.select
     prior = class_prior(split.y_l, split.n_classes)
     if s.align:
-        from raysl.select import align_to_prior
-
         proba = align_to_prior(proba, prior)
     sel = select(proba, s.criterion, s.threshold, s.k_best, prior, s.per_class_share)
     m = pseudo_label_metrics(sel, split.y_u)

@@ -75,7 +75,8 @@ class Standardizer:
 
     @staticmethod
     def fit(shards: Sequence[np.ndarray]) -> Standardizer:
-        """From row blocks (each (n_i, d)), as the shard actors would report them."""
+        """From row blocks (each (n_i, d)): each block's moments, merged; so how the rows are
+        split into blocks (shards) does not change the result beyond rounding."""
         return Standardizer.from_moments([Moments.of(s) for s in shards])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -29,10 +29,16 @@ def class_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def align_to_prior(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """Distribution alignment (ReMixMatch, one shot): scale ``proba`` (n, C) by
-    ``prior / mean(proba)`` (C,) and renormalize, so the average label follows ``prior``."""
-    q = proba * (prior / np.maximum(proba.mean(0), 1e-12))
-    return q / np.maximum(q.sum(1, keepdims=True), 1e-300)
+    """Distribution alignment in one shot: :func:`raysl.losses.align_distribution` (the online
+    one FixMatch uses) with the backend's mean prediction as ``p_model`` and ``prior`` (C,) as
+    the target, on cached probabilities ``proba`` (n, C)."""
+    import torch
+
+    from raysl.losses import align_distribution
+
+    p = torch.from_numpy(np.asarray(proba, np.float64))
+    return align_distribution(p, p.mean(0), torch.from_numpy(np.asarray(prior, np.float64))
+                              ).numpy()
 
 
 def per_class_k(prior: np.ndarray, n_u: int, share: float) -> np.ndarray:
