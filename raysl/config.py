@@ -139,6 +139,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
+    # False: every stage in this process, no Ray (small data, notebooks, the scikit-learn
+    # estimator); train.num_workers and the actor settings are then ignored
+    enabled: bool = True
     address: str = ""  # empty: join RAY_ADDRESS if set, else start a local Ray; "auto": join
     # the cluster started on this machine with `ray start`
     num_cpus: int = 0  # for a local Ray; 0 lets Ray count the cores

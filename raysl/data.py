@@ -273,6 +273,35 @@ def _from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
     return Dataset(name, np.asarray(x, np.float32), y, n_classes)
 
 
+def _unlabeled(v: object) -> bool:
+    if v is None or (isinstance(v, str) and v == ""):
+        return True
+    if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool):
+        return bool(v == -1 or v != v)  # -1 or NaN
+    return False
+
+
+def encode_labels(y: np.ndarray | list, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Any hashable labels ``(n,)`` -> (codes int64 in 0..C-1, -1 for unlabeled; the classes
+    ``(C,)``, sorted, so ``classes[code]`` is the user's label). Unlabeled: -1, None, NaN or
+    the empty string."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{name}: has shape {y.shape}; expected (n,)")
+    if np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_):
+        unl = (y == -1) | np.isnan(y.astype(np.float64))
+    else:
+        unl = np.fromiter((_unlabeled(v) for v in y), bool, len(y))
+    try:
+        classes, codes = np.unique(y[~unl], return_inverse=True)
+    except TypeError as e:  # e.g. str and int mixed
+        raise DataError(f"{name}: labels can't be ordered ({e}); use one type for all "
+                        "labels") from None
+    out = np.full(len(y), -1, np.int64)
+    out[~unl] = codes.reshape(-1)
+    return out, classes
+
+
 def load_file(path: str) -> Dataset:
     """A user's data: ``.npz`` with arrays ``x`` and ``y``, or ``.parquet`` with a column ``y``
     and numeric feature columns. ``y = -1`` marks unlabeled rows."""

@@ -42,3 +42,15 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_npz(path: str | Path, **arrays: Any) -> Path:
+    """``np.savez`` through a file that is closed before the rename (not left to the garbage
+    collector: on another interpreter the rename could move a file still being written)."""
+    import numpy as np
+
+    def writer(p: Path) -> None:
+        with p.open("wb") as f:
+            np.savez(f, **arrays)
+
+    return write_with(path, writer)

@@ -20,45 +20,32 @@ Layout of ``out/``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raysl.backends import AUTO_BACKENDS, BACKENDS, FitContext, backend_section
+from raysl.backends import AUTO_BACKENDS, BACKENDS, FitContext
 from raysl.backends.base import FitResult, LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, dump_yaml
-from raysl.data import Split, load_dataset, make_split, shard
+from raysl.data import Dataset, Split, load_dataset, make_split, shard
 from raysl.errors import ConfigError
-from raysl.io import write_json, write_text, write_with
+from raysl.io import write_json, write_npz, write_text, write_with
 from raysl.metrics import expected_calibration_error, pseudo_label_metrics
 from raysl.models import build_model
 from raysl.preprocess import Standardize, standardize_split
 from raysl.select import Selection, align_to_prior, class_prior, select, total_variation
-from raysl.train import TrainData, accuracy, predict_proba, state_from_numpy
+from raysl.stages import cache_key, config_part
+from raysl.train import TrainData, accuracy, fit_classifier, predict_proba, state_from_numpy
 
-Log = Callable[[str], None]
 logger = logging.getLogger("raysl")
-
-
-def cache_key(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, dict) and p and all(isinstance(v, np.ndarray) for v in p.values()):
-            for k in sorted(p):
-                h.update(k.encode())
-                h.update(np.ascontiguousarray(p[k]).tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:12]
 
 
 def json_safe(obj: Any) -> Any:
@@ -74,13 +61,24 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def check(cfg: Config) -> Split:
+def check(cfg: Config, dataset: Dataset | None = None) -> Split:
     """Validate names and data and build the split: everything that can fail on bad input,
-    before Ray starts."""
+    before Ray starts. ``dataset``: in-memory data instead of ``cfg.data.dataset``."""
+    _check_names(cfg)
+    split = make_split(dataset if dataset is not None else load_dataset(cfg.data), cfg.data)
+    return prepare(split, cfg)
+
+
+def _check_names(cfg: Config) -> None:
     if cfg.backend.name not in (*BACKENDS, "auto"):
         raise ConfigError(f"backend.name={cfg.backend.name!r}: unknown backend; allowed: "
                           f"auto, {', '.join(BACKENDS)}")
-    split = make_split(load_dataset(cfg.data), cfg.data)
+
+
+def prepare(split: Split, cfg: Config) -> Split:
+    """A split made elsewhere (e.g. by the estimator), checked and standardized as
+    :func:`check` does."""
+    _check_names(cfg)
     return standardize_split(split, cfg.data.n_shards) if cfg.data.standardize else split
 
 
@@ -109,28 +107,36 @@ def load_model(path: str | Path) -> torch.nn.Module:
 
 
 def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainData,
-                key: str, log: Log, *, callbacks: list[Any] | None = None,
+                key: str, *, callbacks: list[Any] | None = None,
                 run_name: str | None = None, verbose: bool = True) -> dict[str, Any]:
     """Train (or load the cached result of) one classifier; returns its result record.
 
-    ``callbacks`` go to the Ray Train run (e.g. Tune's TuneReportCallback), ``run_name``
-    replaces its default name ``{stage}-{key}`` (a Tune trial passes a name of its own, stable
-    across restores), ``verbose`` prints one line per epoch."""
-    from raysl.distributed.trainer import train_classifier
-
+    On Ray Train when ``cfg.ray.enabled``, else in this process. ``callbacks`` go to the Ray
+    Train run (e.g. Tune's TuneReportCallback), ``run_name`` replaces its default name
+    ``{stage}-{key}`` (a Tune trial passes a name of its own, stable across restores),
+    ``verbose`` logs one line per epoch."""
     d = out / stage
     record_path = d / "result.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("key") == key and (d / "model.pt").is_file():
-            log(f"[{stage}] cached result found ({record_path}); skipping training")
+            logger.info("[%s] cached result found (%s); skipping training", stage, record_path)
             record["cached"] = True
             return record
-    log(f"[{stage}] training: {len(data.y_l)} labeled + {len(data.y_p)} pseudo-labeled rows, "
-        f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)")
-    outcome = train_classifier(data, cfg.train, split.input_shape, split.n_classes,
-                               cfg.ray.storage_path or out / "ray", run_name or f"{stage}-{key}",
-                               verbose=verbose, callbacks=callbacks)
+    where = (f"{cfg.train.num_workers} Ray Train worker(s)" if cfg.ray.enabled
+             else "in this process")
+    logger.info("[%s] training: %d labeled + %d pseudo-labeled rows, %d epochs, %s", stage,
+                len(data.y_l), len(data.y_p), cfg.train.epochs, where)
+    if cfg.ray.enabled:
+        from raysl.distributed.trainer import train_classifier
+
+        outcome = train_classifier(data, cfg.train, split.input_shape, split.n_classes,
+                                   cfg.ray.storage_path or out / "ray",
+                                   run_name or f"{stage}-{key}", verbose=verbose,
+                                   callbacks=callbacks)
+    else:
+        outcome = fit_classifier(data, cfg.train, split.input_shape, split.n_classes,
+                                 name=stage, verbose=verbose)
     model = build_model(split.input_shape, split.n_classes, cfg.train.hidden)
     model.load_state_dict(state_from_numpy(outcome.state))
     _save_model(d / "model.pt", outcome.state, split, cfg)
@@ -143,7 +149,7 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
         "seconds": outcome.seconds,
         "epochs": len(outcome.history),
         "resumed_from_epoch": outcome.resumed_from_epoch,
-        "nodes": len(set(outcome.nodes)),
+        "nodes": len(set(outcome.nodes)) or 1,
         "history": outcome.history,
     }
     write_json(record_path, json_safe(record))  # last: its presence marks the stage done
@@ -156,15 +162,15 @@ def _empty_pseudo(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.zeros(0, np.float32))
 
 
-def baseline(split: Split, cfg: Config, out: Path, log: Log,
-             **train_kwargs: Any) -> dict[str, Any]:
+def baseline(split: Split, cfg: Config, out: Path, **train_kwargs: Any) -> dict[str, Any]:
     """Stage 1: the supervised-only classifier (same network and budget as the joint one).
     ``train_kwargs``: ``callbacks``, ``run_name``, ``verbose`` of :func:`train_stage`."""
     tcfg = replace(cfg.train, lambda_u=0.0)
     data = TrainData(split.x_l, split.y_l, *_empty_pseudo(split), split.x_val, split.y_val,
                      len(split.x_u))
-    return train_stage("baseline", split, replace(cfg, train=tcfg), out, data,
-                       cache_key("baseline", split.key, asdict(tcfg)), log, **train_kwargs)
+    key = cache_key("baseline", split.key, config_part("baseline", cfg))
+    return train_stage("baseline", split, replace(cfg, train=tcfg), out, data, key,
+                       **train_kwargs)
 
 
 # -- stage 2: backends ----------------------------------------------------------------------
@@ -181,8 +187,8 @@ def fit_backend(split: Split, cfg: Config, ctx: FitContext, use_ray: bool,
     if use_ray:
         from raysl.distributed.actors import RayExecutor
 
-        gpus = 1.0 if cfg.train.use_gpu else 0.0
-        with RayExecutor(factory, b, ctx, shards, b.actor_cpus, gpus) as ex:
+        # No GPU: no backend uses one (train.use_gpu is the classifier's).
+        with RayExecutor(factory, b, ctx, shards, b.actor_cpus) as ex:
             nodes = len(set(ex.node_ids()))
             return fit(factory(b, ctx), ex, split.x_l, split.y_l, progress=progress), nodes
     local = LocalExecutor([ShardWorker(factory, b, ctx, s) for s in shards])
@@ -194,51 +200,53 @@ def _accuracy(proba: np.ndarray, y: np.ndarray) -> float:
 
 
 def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[str, Any],
-                 log: Log, use_ray: bool = True) -> dict[str, Any]:
-    """Stage 2: fit the backend over the unlabeled shards (Ray actors, or a local loop) and
-    cache its probabilities. Returns ``{"backend", "proba": (n_u, C), "val_proba": (n_val, C),
+                 use_ray: bool | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Stage 2: fit the backend over the unlabeled shards (Ray actors, or a local loop; default
+    ``cfg.ray.enabled``) and cache its probabilities in ``cache_dir`` (default ``out/cache``).
+    Returns ``{"backend", "proba": (n_u, C), "val_proba": (n_val, C),
     "val_accuracy", "val_ece", "key", "seconds", ...}``: every backend also predicts the
     labeled validation rows, an honest estimate of its accuracy and calibration.
 
     ``backend.name=auto`` fits each of :data:`AUTO_BACKENDS` and returns the one with the best
     validation accuracy, with every candidate's record under ``"ranked"`` (best first)."""
+    use_ray = cfg.ray.enabled if use_ray is None else use_ray
     if cfg.backend.name == "auto":
         recs = [pseudo_label(split, replace(cfg, backend=replace(cfg.backend, name=name)), out,
-                             classifier_state, log, use_ray) for name in AUTO_BACKENDS]
+                             classifier_state, use_ray, cache_dir) for name in AUTO_BACKENDS]
         ranked = sorted(recs, key=lambda r: -_nan_low(r["val_accuracy"]))  # stable: ties
-        log("[pseudo-label] auto: validation accuracy " + ", ".join(
-            f"{r['backend']} {_pct(r['val_accuracy'])}" for r in recs)
-            + f"; best: {ranked[0]['backend']}")
+        logger.info("[pseudo-label] auto: validation accuracy %s; best: %s", ", ".join(
+            f"{r['backend']} {_pct(r['val_accuracy'])}" for r in recs), ranked[0]["backend"])
         return {**ranked[0], "ranked": ranked}
     b = cfg.backend
+    is_self = b.name == "self"
     ctx = FitContext(split.n_classes, split.input_shape, cfg.data.seed, cfg.train.hidden,
-                     classifier_state if b.name == "self" else None)
-    key = cache_key(b.name, asdict(backend_section(b)) if backend_section(b) else None, split.key,
-               cfg.data.n_shards, cfg.train.hidden,
-               classifier_state if b.name == "self" else None,
-               *(["calibrated"] if b.calibrate else []))  # old keys stay valid when off
-    path = out / "cache" / f"proba-{b.name}-{key}.npz"
+                     classifier_state if is_self else None)
+    # `self` depends on the baseline through its weights (which hold train.hidden)
+    key = cache_key(b.name, split.key, config_part("backend", cfg),
+                    classifier_state if is_self else None)
+    path = (cache_dir or out / "cache") / f"proba-{b.name}-{key}.npz"
     cached = None
     if path.is_file():
         with np.load(path) as f:
             if "val_proba" in f.files:  # older caches lack it: refit
                 cached = {k: f[k] for k in f.files}
     if cached is not None:
-        log(f"[pseudo-label] cached {b.name} probabilities found ({path}); no refit")
+        logger.info("[pseudo-label] cached %s probabilities found (%s); no refit", b.name, path)
         res_proba, val_proba = cached["proba"], cached["val_proba"]
         info = {"seconds": float(cached["seconds"]), "rounds": int(cached["rounds"]),
                 "objective": cached["objective"].tolist(), "nodes": int(cached["nodes"]),
                 "cached": True}
     else:
         factory = BACKENDS[b.name]
-        log(f"[pseudo-label] fitting {b.name} over {cfg.data.n_shards} shard(s) of "
-            f"{len(split.x_u)} unlabeled rows" + (" with Ray actors" if use_ray else ""))
+        logger.info("[pseudo-label] fitting %s over %d shard(s) of %d unlabeled rows%s",
+                    b.name, cfg.data.n_shards, len(split.x_u),
+                    " with Ray actors" if use_ray else "")
 
         def progress(rnd: int, obj: float) -> None:
             if rnd == 1 or rnd % 10 == 0:  # a set-up round (e.g. the GMM's PCA): no objective
-                log(f"[pseudo-label] round {rnd}: " + (
-                    f"objective {obj:.6g}" if math.isfinite(obj)
-                    else "set-up (no objective yet)"))
+                logger.info("[pseudo-label] round %d: %s", rnd,
+                            f"objective {obj:.6g}" if math.isfinite(obj)
+                            else "set-up (no objective yet)")
 
         res, nodes = fit_backend(split, cfg, ctx, use_ray, progress)
         # The fitted backend predicts the validation rows on the driver (they are few).
@@ -253,14 +261,13 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             temperature = fit_temperature(val_proba, split.y_val)
             res_proba = apply_temperature(res_proba, temperature)
             val_proba = apply_temperature(val_proba, temperature)
-            log(f"[pseudo-label] temperature scaling on {len(split.y_val)} validation rows: "
-                f"T={temperature:.3g}")
-        log(f"[pseudo-label] {b.name}: {res.rounds} round(s) in {res.seconds:.1f}s on "
-            f"{nodes} node(s)")
-        obj = np.asarray(res.objective, np.float64)
-        write_with(path, lambda p: np.savez(p.open("wb"), proba=res_proba, val_proba=val_proba,
-                                            seconds=res.seconds, rounds=res.rounds,
-                                            objective=obj, nodes=nodes))
+            logger.info("[pseudo-label] temperature scaling on %d validation rows: T=%.3g",
+                        len(split.y_val), temperature)
+        logger.info("[pseudo-label] %s: %d round(s) in %.1fs on %d node(s)", b.name,
+                    res.rounds, res.seconds, nodes)
+        write_npz(path, proba=res_proba, val_proba=val_proba, seconds=res.seconds,
+                  rounds=res.rounds, objective=np.asarray(res.objective, np.float64),
+                  nodes=nodes)
         info = {"seconds": res.seconds, "rounds": res.rounds, "objective": res.objective,
                 "nodes": nodes, "cached": False}
     return {"backend": b.name, "proba": res_proba, "val_proba": val_proba, "key": key,
@@ -300,8 +307,8 @@ def read_pseudo_labels(path: Path, split: Split) -> tuple[Selection, str]:
     return sel, str(t.column("backend")[0]) if len(t) else ""
 
 
-def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
-          stage: str = "joint", **train_kwargs: Any) -> dict[str, Any]:
+def joint(split: Split, cfg: Config, out: Path, sel: Selection, stage: str = "joint",
+          **train_kwargs: Any) -> dict[str, Any]:
     """Stage 4: labeled CE + lambda_u × confidence-weighted CE on the kept pseudo-labels,
     into ``out/<stage>/``. ``train_kwargs``: ``callbacks``, ``run_name``, ``verbose`` of
     :func:`train_stage`."""
@@ -318,22 +325,23 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, log: Log,
     data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
                      **online)
-    key = cache_key("joint", split.key, asdict(cfg.train), sel_key)
-    return train_stage(stage, split, cfg, out, data, key, log, **train_kwargs)
+    key = cache_key("joint", split.key, config_part("joint", cfg), sel_key)
+    return train_stage(stage, split, cfg, out, data, key, **train_kwargs)
 
 
-def relabel_rounds(split: Split, cfg: Config, out: Path, log: Log) -> tuple[str, list[dict]]:
+def relabel_rounds(split: Split, cfg: Config, out: Path) -> tuple[str, list[dict]]:
     """Rounds 2.. of iterative self-training: the previous round's joint model re-labels the
     unlabeled pool (the `self` backend, ``cfg.select``), and the joint model is trained again
     into ``out/joint-<round>/``. Returns the last round's stage name and one record per round."""
     relabel = replace(cfg, backend=replace(cfg.backend, name="self"))
     last, records = "joint", []
     for r in range(2, cfg.backend.relabel_rounds + 1):
-        pl = pseudo_label(split, relabel, out, load_state(out / last / "model.pt"), log)
+        pl = pseudo_label(split, relabel, out, load_state(out / last / "model.pt"))
         sel, plm = selection(split, relabel, pl["proba"])
-        log(f"[relabel {r}] {plm['n_selected']} rows kept, precision {_pct(plm['precision'])}")
+        logger.info("[relabel %d] %d rows kept, precision %s", r, plm["n_selected"],
+                    _pct(plm["precision"]))
         last = f"joint-{r}"
-        j = joint(split, cfg, out, sel, log, stage=last)
+        j = joint(split, cfg, out, sel, stage=last)
         records.append({"round": r, "pseudo_labels": plm, "test_accuracy": j["test_accuracy"],
                         "val_accuracy": j["val_accuracy"], "cached": j["cached"]})
     return last, records
@@ -423,23 +431,26 @@ def final_choice(base: dict[str, Any] | None, last: dict[str, Any],
     return {**pick, "reason": f"validation accuracy {_pct(j)} >= the baseline's {_pct(b)}"}
 
 
-def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
+def run(cfg: Config, out: str | Path, stages: str = "all",
         split: Split | None = None) -> dict[str, Any]:
     """Run the pipeline (``stages``: "all", "pseudo-label" or "train") into ``out``.
 
-    Validates everything first, then joins or starts Ray (and stops it if it started it).
-    Returns the metrics also written to ``out/metrics.json``."""
+    Validates everything first, then (``cfg.ray.enabled``) joins or starts Ray, and stops it if
+    it started it. Progress goes to ``logging.getLogger("raysl")``. Returns the metrics also
+    written to ``out/metrics.json``."""
     t0 = time.perf_counter()
     split = split if split is not None else check(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", dump_yaml(cfg))
-    log(f"raysl: {cfg.data.dataset}: {len(split.y_l)} labeled, {len(split.x_u)} unlabeled, "
-        f"{len(split.y_val)} validation, {len(split.y_test)} test rows; output in {out}")
+    logger.info("raysl: %s: %d labeled, %d unlabeled, %d validation, %d test rows; output in "
+                "%s", cfg.data.dataset, len(split.y_l), len(split.x_u), len(split.y_val),
+                len(split.y_test), out)
+    started = False
+    if cfg.ray.enabled:
+        from raysl.distributed.session import ensure_ray
 
-    from raysl.distributed.session import ensure_ray
-
-    started = ensure_ray(cfg.ray)
+        started = ensure_ray(cfg.ray)
     try:
         metrics: dict[str, Any] = {"data": {
             "dataset": cfg.data.dataset, "n_labeled": len(split.y_l),
@@ -448,10 +459,19 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
             "standardized": split.standardizer is not None}}
         pq_path = out / "pseudo_labels.parquet"
         base: dict[str, Any] | None = None
-        if stages in ("all", "pseudo-label"):
-            base = baseline(split, cfg, out, log)
+        no_pool = len(split.x_u) == 0
+        if no_pool:
+            logger.warning("no unlabeled rows: the model is the supervised baseline")
+        if stages in ("all", "pseudo-label") and no_pool:
+            base = baseline(split, cfg, out)
+            sel = Selection(np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0))
+            metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u),
+                                        "backend": None}
+            write_pseudo_labels(pq_path, split, sel, "")
+        elif stages in ("all", "pseudo-label"):
+            base = baseline(split, cfg, out)
             classifier = load_state(out / "baseline" / "model.pt")
-            pl = pseudo_label(split, cfg, out, classifier, log)
+            pl = pseudo_label(split, cfg, out, classifier)
             sel, plm, metrics["guard"] = choose_pseudo_labels(split, cfg, pl,
                                                               base["val_accuracy"])
             metrics["pseudo_labels"] = plm
@@ -467,12 +487,18 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
         if base is not None:
             metrics["baseline"] = {k: base.get(k) for k in (
                 "test_accuracy", "val_accuracy", "val_ece", "seconds", "nodes", "cached")}
-        if stages in ("all", "train"):
-            j = joint(split, cfg, out, sel, log)
+        if stages in ("all", "train") and no_pool and base is not None:
+            metrics["final"] = {"model": "baseline", "test_accuracy": base["test_accuracy"],
+                                "val_accuracy": base["val_accuracy"],
+                                "reason": "no unlabeled rows"}
+            src = out / "baseline" / "model.pt"
+            write_with(out / "model.pt", lambda p: p.write_bytes(src.read_bytes()))
+        elif stages in ("all", "train"):
+            j = joint(split, cfg, out, sel)
             metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds",
                                                   "epochs", "resumed_from_epoch", "nodes",
                                                   "cached")}
-            last, rounds = relabel_rounds(split, cfg, out, log)
+            last, rounds = relabel_rounds(split, cfg, out)
             last_rec = metrics["joint"]
             if rounds:
                 metrics["relabel"] = rounds
@@ -492,7 +518,7 @@ def run(cfg: Config, out: str | Path, stages: str = "all", log: Log = print,
             ray.shutdown()
     metrics["wall_seconds"] = time.perf_counter() - t0
     write_json(out / "metrics.json", json_safe(metrics))
-    log(summary(metrics, out))
+    logger.info("%s", summary(metrics, out))
     return metrics
 
 

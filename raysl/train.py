@@ -18,9 +18,12 @@ no extra forward pass.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,9 @@ from raysl.losses import (
     joint_loss,
     label_prior,
 )
+from raysl.models import build_model
+
+logger = logging.getLogger("raysl")
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,6 +291,89 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg
                    pl_precision=right_kept / known_kept if known_kept else float("nan"),
                    pl_accuracy=right / known if known else float("nan"))
     return row
+
+
+@dataclass
+class TrainOutcome:
+    """What a training run returns (in-process or from Ray Train's rank 0)."""
+
+    state: dict[str, Any]  # the final model's state dict (EMA teacher if on), numpy arrays
+    history: list[dict[str, float]]  # one row per epoch
+    seconds: float = 0.0
+    resumed_from_epoch: int = -1  # -1 when the run started fresh
+    nodes: list[str] = field(default_factory=list)  # the Ray node of each rank (Ray Train)
+
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+def train_loop(model: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0,
+               world_size: int = 1, device: torch.device | str = "cpu",
+               resume: dict[str, Any] | None = None,
+               on_epoch: Callable[[int, dict[str, Any], Snapshot], None] | None = None,
+               on_step: Callable[[int, int, int], None] | None = None,
+               name: str = "train", verbose: bool = False) -> tuple[nn.Module, list[dict], int]:
+    """The training loop, the only one: ``cfg.epochs`` epochs of :func:`run_epoch`, each
+    evaluated on ``data.x_val``. Ray Train's worker (``raysl.distributed.trainer``), the
+    in-process run (:func:`fit_classifier`) and the benchmarks all call it.
+
+    ``model``: the student, already wrapped for DDP when ``world_size > 1``. ``resume``: a
+    snapshot from an earlier run (continue after its epoch). ``on_epoch(epoch, row, snapshot)``
+    after every epoch (``snapshot()`` returns what a checkpoint holds); ``on_step(epoch, step,
+    steps)`` after every optimizer step. Returns (the model to keep: the EMA teacher when
+    ``cfg.ema > 0``, the history, the epoch resumed from or -1)."""
+    opt = make_optimizer(model, cfg)
+    # The EMA teacher: per rank, but identical on every rank (DDP keeps the students in sync),
+    # so rank 0's is the model. It evaluates, labels the weak views and is the result.
+    teacher = copy.deepcopy(unwrap(model)) if cfg.ema > 0 else None
+    ssl_state: dict[str, Tensor] = {}  # adaptive thresholds, distribution alignment
+    start, history, resumed = 0, [], -1
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if teacher is not None:
+            teacher.load_state_dict(resume["teacher"])
+        ssl_state.update(resume.get("ssl_state", {}))
+        start, history, resumed = resume["epoch"] + 1, list(resume["history"]), resume["epoch"]
+    kept = teacher if teacher is not None else unwrap(model)
+
+    for epoch in range(start, cfg.epochs):
+        t0, started_at = time.perf_counter(), time.time()
+        step_hook = (None if on_step is None
+                     else lambda s, n, e=epoch: on_step(e, s, n))  # type: ignore[misc]
+        row: dict[str, Any] = run_epoch(model, opt, data, cfg, epoch, rank, world_size, device,
+                                        step_hook, teacher=teacher, ssl_state=ssl_state)
+        train_s = time.perf_counter() - t0
+        row.update(epoch=epoch, val_accuracy=accuracy(kept, data.x_val, data.y_val, device),
+                   epoch_seconds=time.perf_counter() - t0, train_seconds=train_s,
+                   resumed_from_epoch=resumed,
+                   started_at=started_at)  # wall clock: epoch-to-epoch time incl. reporting
+        history.append(row)
+        if rank == 0 and verbose:
+            logger.info("[%s] epoch %d/%d loss=%.3f val_acc=%.3f (%.1fs)", name, epoch + 1,
+                        cfg.epochs, row["loss"], row["val_accuracy"], row["epoch_seconds"])
+
+        def snapshot(e: int = epoch) -> dict[str, Any]:
+            saved = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                     "epoch": e, "history": history, "ssl_state": ssl_state}
+            if teacher is not None:
+                saved["teacher"] = teacher.state_dict()
+            return saved
+
+        if on_epoch is not None:
+            on_epoch(epoch, row, snapshot)
+    return kept, history, resumed
+
+
+def fit_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...],
+                   n_classes: int, name: str = "train", verbose: bool = False) -> TrainOutcome:
+    """Train the classifier in this process (no Ray, one rank): what Ray Train's single worker
+    computes, without its start-up cost. For small data, notebooks and the estimator."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = build_model(input_shape, n_classes, cfg.hidden, cfg.init)
+    kept, history, _ = train_loop(model, data, cfg, name=name, verbose=verbose)
+    return TrainOutcome(state_to_numpy(kept.state_dict()), history, time.perf_counter() - t0)
 
 
 @torch.no_grad()

@@ -206,11 +206,11 @@ def test_every_backend_is_judged_on_the_validation_rows(toy_backends: None,
     split = standardize_split(split, 2)
     for name, good in (("honest", True), ("shuffled", False)):
         c = replace(cfg, backend=replace(cfg.backend, name=name))
-        pl = pseudo_label(split, c, tmp_path, {}, lambda m: None, use_ray=False)
+        pl = pseudo_label(split, c, tmp_path, {}, use_ray=False)
         assert pl["val_proba"].shape == (len(split.y_val), 2)
         assert (pl["val_accuracy"] > 0.9) is good
         assert 0 <= pl["val_ece"] <= 1
-        again = pseudo_label(split, c, tmp_path, {}, lambda m: None, use_ray=False)
+        again = pseudo_label(split, c, tmp_path, {}, use_ray=False)
         assert again["cached"] and again["val_accuracy"] == pl["val_accuracy"]
 
 
@@ -222,7 +222,7 @@ def test_auto_keeps_the_backend_with_the_best_validation_accuracy(
     split = standardize_split(split, 2)
     for order in (("shuffled", "honest"), ("honest", "shuffled")):
         monkeypatch.setattr(pipeline, "AUTO_BACKENDS", order)
-        pl = pipeline.pseudo_label(split, cfg, tmp_path, {}, lambda m: None, use_ray=False)
+        pl = pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=False)
         assert cfg.backend.name == "auto" and pl["backend"] == "honest"
         assert [r["backend"] for r in pl["ranked"]] == ["honest", "shuffled"]
 
@@ -235,7 +235,7 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
     split, cfg = _split()
     split = standardize_split(split, 2)
     bad = replace(cfg, backend=replace(cfg.backend, name="shuffled"))
-    pl = pipeline.pseudo_label(split, bad, tmp_path, {}, lambda m: None, use_ray=False)
+    pl = pipeline.pseudo_label(split, bad, tmp_path, {}, use_ray=False)
     with caplog.at_level("WARNING", logger="raysl"):
         sel, m, guard = pipeline.choose_pseudo_labels(split, bad, pl, baseline_val_accuracy=0.9)
     assert guard["tripped"] and not sel.mask.any() and m["n_selected"] == 0
@@ -249,7 +249,7 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
                 "proba": np.tile([[0.99, 0.01]], (len(split.x_u), 1))}
     honest = pipeline.pseudo_label(split, replace(cfg, backend=replace(cfg.backend,
                                                                        name="honest")),
-                                   tmp_path, {}, lambda m: None, use_ray=False)
+                                   tmp_path, {}, use_ray=False)
     auto = {**lopsided, "ranked": [lopsided, honest]}
     sel, m, guard = pipeline.choose_pseudo_labels(split, cfg, auto, 0.9)
     assert guard["used"] == "honest" and "lopsided: the kept labels" in guard["rejected"][0]
@@ -284,14 +284,14 @@ def test_a_shuffled_backend_never_reaches_the_final_model(
         "data.dataset": str(path), "data.labels_per_class": 10, "backend.name": "shuffled",
         "train.num_workers": 0, "train.fixmatch": False, "train.ema": 0.0,
         "train.min_steps": 150, "select.threshold": 0.0})
-    guarded = pipeline.run(base, tmp_path / "guarded", log=lambda m: None)
+    guarded = pipeline.run(base, tmp_path / "guarded")
     assert guarded["guard"]["tripped"]
     assert guarded["pseudo_labels"]["n_selected"] == 0
     assert guarded["baseline"]["test_accuracy"] > 0.9  # standardized: no hand-tuning needed
     assert guarded["pseudo_labels"]["val_accuracy"] < 0.2
 
     unguarded = pipeline.run(apply_overrides(base, {"select.guard": False}),
-                             tmp_path / "unguarded", log=lambda m: None)
+                             tmp_path / "unguarded")
     assert not unguarded["guard"]["tripped"]
     assert unguarded["joint"]["val_accuracy"] < unguarded["baseline"]["val_accuracy"]
     assert unguarded["final"]["model"] == "baseline"

@@ -112,7 +112,7 @@ def test_training_resumes_from_checkpoint_after_a_crash(split, tmp_path: Path) -
 def test_run_end_to_end_writes_sane_outputs_and_resumes(tiny_config: Config,
                                                         tmp_path: Path) -> None:
     out = tmp_path / "run"
-    m = pipeline.run(tiny_config, out, log=lambda s: None)
+    m = pipeline.run(tiny_config, out)
 
     for f in ("config.yaml", "metrics.json", "pseudo_labels.parquet", "model.pt",
               "baseline/model.pt", "joint/model.pt"):
@@ -142,7 +142,7 @@ def test_run_end_to_end_writes_sane_outputs_and_resumes(tiny_config: Config,
     assert acc == pytest.approx(m["joint"]["test_accuracy"])
 
     # Running again resumes: every stage is found done, and the figures are the same.
-    again = pipeline.run(tiny_config, out, log=lambda s: None)
+    again = pipeline.run(tiny_config, out)
     assert again["baseline"]["cached"] and again["joint"]["cached"]
     assert again["pseudo_labels"]["cached"]
     assert again["joint"]["test_accuracy"] == m["joint"]["test_accuracy"]
@@ -150,7 +150,7 @@ def test_run_end_to_end_writes_sane_outputs_and_resumes(tiny_config: Config,
     # A new threshold re-uses the cached probabilities (no refit) and retrains the joint model.
     cfg2 = dataclasses.replace(tiny_config, select=dataclasses.replace(tiny_config.select,
                                                                       threshold=0.999))
-    m2 = pipeline.run(cfg2, out, log=lambda s: None)
+    m2 = pipeline.run(cfg2, out)
     assert m2["pseudo_labels"]["cached"] and m2["baseline"]["cached"]
     assert not m2["joint"]["cached"]
     assert m2["pseudo_labels"]["n_selected"] <= p["n_selected"]
@@ -164,7 +164,7 @@ def test_relabel_rounds_retrain_from_the_last_joint_model(tiny_config: Config,
     on validation, and rerunning finds it cached."""
     cfg = apply_overrides(tiny_config, {"backend.relabel_rounds": 2, "backend.name": "gmm"})
     out = tmp_path / "run"
-    m = pipeline.run(cfg, out, log=lambda s: None)
+    m = pipeline.run(cfg, out)
     assert [r["round"] for r in m["relabel"]] == [2]
     r2 = m["relabel"][0]
     assert r2["pseudo_labels"]["backend"] == "self"
@@ -182,7 +182,7 @@ def test_relabel_rounds_retrain_from_the_last_joint_model(tiny_config: Config,
     with torch.no_grad():
         pred = torch.softmax(model(torch.from_numpy(split.x_u)), 1).numpy()
     np.testing.assert_allclose(np.load(self_cache[0])["proba"], pred, atol=1e-5)
-    again = pipeline.run(cfg, out, log=lambda s: None)
+    again = pipeline.run(cfg, out)
     assert again["relabel"][0]["cached"] and again["joint"]["test_accuracy"] == r2["test_accuracy"]
 
 

@@ -33,7 +33,6 @@ appended to ``OUT/runs.jsonl``, so running the same command again skips finished
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -51,7 +50,7 @@ from raysl.data import Split, load_dataset, make_split
 from raysl.metrics import pseudo_label_metrics
 from raysl.models import build_model
 from raysl.select import Selection, select
-from raysl.train import TrainData, accuracy, make_optimizer, run_epoch, state_to_numpy
+from raysl.train import TrainData, accuracy, state_to_numpy, train_loop
 
 # The training budget of each dataset (the same for every online neural method on it).
 # mnist5k: 41 steps per epoch at mu=3, batch 32.
@@ -92,22 +91,16 @@ def train_torch(split: Split, cfg: TrainConfig, x_l: np.ndarray | None = None,
                      prior_conf=None if prior is None else prior[1])
     torch.manual_seed(cfg.seed)
     model = build_model(split.input_shape, split.n_classes, cfg.hidden, cfg.init)
-    teacher = copy.deepcopy(model) if cfg.ema > 0 else None
-    opt = make_optimizer(model, cfg)
-    state: dict[str, torch.Tensor] = {}
-    history = []
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        row = run_epoch(model, opt, data, cfg, epoch, teacher=teacher, ssl_state=state)
-        row["epoch_seconds"] = time.perf_counter() - t0
-        history.append(row)
+
+    def on_epoch(epoch: int, row: dict[str, Any], _: Any) -> None:
         if log is not None and (epoch + 1) % max(1, cfg.epochs // 5) == 0:
             extra = (f" mask={row['mask_rate']:.2f} pl_prec={row['pl_precision']:.3f}"
                      if "mask_rate" in row else "")
             log(f"    epoch {epoch + 1}/{cfg.epochs} loss={row['loss']:.3f}{extra} "
-                f"val={accuracy(teacher or model, split.x_val, split.y_val):.3f} "
-                f"({row['epoch_seconds']:.1f}s)")
-    return (teacher if teacher is not None else model), history
+                f"val={row['val_accuracy']:.3f} ({row['epoch_seconds']:.1f}s)")
+
+    kept, history, _ = train_loop(model, data, cfg, on_epoch=on_epoch)
+    return kept, history
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -142,7 +135,7 @@ def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
     from raysl.pipeline import pseudo_label
 
     cfg = replace(cfg, backend=replace(cfg.backend, name=backend))
-    pl = pseudo_label(split, cfg, out, sup_state, lambda m: log("    " + m), use_ray=False)
+    pl = pseudo_label(split, cfg, out, sup_state, use_ray=False)
     sel = select(pl["proba"], cfg.select.criterion, cfg.select.threshold, cfg.select.k_best)
     return sel, pseudo_label_metrics(sel, split.y_u)
 

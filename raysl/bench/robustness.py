@@ -193,7 +193,7 @@ def raysl_rows(split: Split, cfg: Config, out: Path, log: Log) -> dict[str, dict
     from raysl.pipeline import json_safe, run
 
     t0 = time.perf_counter()
-    metrics = run(cfg, out, split=split, log=log)
+    metrics = run(cfg, out, split=split)
     seconds = time.perf_counter() - t0
     acc = metrics["final"]["test_accuracy"]
     return {"raysl default": {"test_accuracy": acc, "seconds": seconds,
@@ -211,7 +211,7 @@ def oracle(split: Split, cfg: Config, out: Path, log: Log) -> float:
 
     full = replace(split, x_l=np.concatenate([split.x_l, split.x_u]),
                    y_l=np.concatenate([split.y_l, split.y_u]), key=split.key + "-oracle")
-    return float(baseline(full, cfg, out / "oracle", log)["test_accuracy"])
+    return float(baseline(full, cfg, out / "oracle")["test_accuracy"])
 
 
 # -- table ----------------------------------------------------------------------------------

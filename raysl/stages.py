@@ -1,0 +1,123 @@
+"""What each stage's result depends on: one table, used for the pipeline's cache keys, Tune's
+shared fits and its prefit planning.
+
+A stage is redone exactly when a config key it depends on changes (or its data, or an upstream
+stage it reads). Keys that say *where* or *how fast* work runs (:data:`RESOURCE_KEYS`) are in no
+stage: changing them never refits anything, and a resumed run may change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from raysl.config import Config, get, valid_keys
+
+# Where and how fast, never what: excluded from every stage.
+RESOURCE_KEYS: tuple[str, ...] = (
+    "train.cpus_per_worker", "train.use_gpu", "train.checkpoint_every",
+    "backend.actor_cpus", "data.root", "data.download", "ray.",
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``keys``: dotted keys or prefixes ending in "." (``"{backend}"`` is the backend's name);
+    ``unless``: keys or prefixes excluded from them; ``upstream``: stages whose result it reads."""
+
+    keys: tuple[str, ...]
+    unless: tuple[str, ...] = ()
+    upstream: tuple[str, ...] = ()
+
+
+# The data split's own content key (raysl.data.Split.key) stands for data.labels_per_class,
+# val_per_class, test_fraction, seed and the data itself; every stage below reads the split.
+STAGES: dict[str, Stage] = {
+    # lambda_u is zeroed for the baseline, which makes the online-pseudo-label keys inert.
+    "baseline": Stage(("data.", "train."), unless=(
+        "data.n_shards", "train.lambda_u", "train.fixmatch_threshold", "train.threshold_mode",
+        "train.dist_align", "train.offline")),
+    # the `self` backend reads the baseline's weights; the others only the labeled rows
+    "backend": Stage(("data.", "backend.name", "backend.calibrate", "backend.{backend}.")),
+    "backend:self": Stage(("data.", "backend.name", "backend.calibrate"),
+                          upstream=("baseline",)),
+    "select": Stage(("select.",), upstream=("backend", "baseline")),
+    "joint": Stage(("data.", "train."), unless=("data.n_shards",), upstream=("select",)),
+}
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def stage_name(stage: str, cfg: Config) -> str:
+    """``"backend"`` resolves to ``"backend:<name>"`` when that has an entry of its own."""
+    if stage == "backend" and f"backend:{cfg.backend.name}" in STAGES:
+        return f"backend:{cfg.backend.name}"
+    return stage
+
+
+def depends_on(stage: str, cfg: Config) -> list[str]:
+    """The dotted config keys ``stage``'s own result depends on (upstream stages' not
+    included), e.g. ``depends_on("backend", cfg)`` with gmm: ``data.*``, ``backend.gmm.*``..."""
+    s = STAGES[stage_name(stage, cfg)]
+    keys = [k.replace("{backend}", cfg.backend.name) for k in s.keys]
+    return [k for k in valid_keys() if _matches(k, keys)
+            and not _matches(k, s.unless) and not _matches(k, RESOURCE_KEYS)]
+
+
+def upstream(stage: str, cfg: Config) -> tuple[str, ...]:
+    return STAGES[stage_name(stage, cfg)].upstream
+
+
+def closure(stage: str, cfg: Config) -> list[str]:
+    """Every key ``stage`` depends on, its upstream stages' included (sorted)."""
+    keys = set(depends_on(stage, cfg))
+    for up in upstream(stage, cfg):
+        keys |= set(closure(up, cfg))
+    return sorted(keys)
+
+
+def config_part(stage: str, cfg: Config) -> dict[str, Any]:
+    """``{key: value}`` for :func:`depends_on`: the config half of a stage's cache key."""
+    return {k: get(cfg, k) for k in depends_on(stage, cfg)}
+
+
+def changes_upstream_of(key: str, stage: str, cfg: Config) -> bool:
+    """True when ``key`` changes ``stage``'s result or an upstream stage's (e.g. for Tune:
+    does a searched key need its own backend fit?)."""
+    return key in closure(stage, cfg)
+
+
+def cache_key(*parts: Any) -> str:
+    """A short stable hash of ``parts``: nested dicts, lists, scalars and numpy arrays (by
+    dtype, shape and bytes: never their abbreviated ``str``)."""
+    h = hashlib.sha256()
+    _update(h, parts)
+    return h.hexdigest()[:12]
+
+
+def _update(h: Any, obj: Any) -> None:
+    if isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        h.update(f"ndarray:{a.dtype.str}:{a.shape}:".encode())
+        h.update(a.tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(json.dumps(str(k)).encode() + b":")
+            _update(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, list | tuple):
+        h.update(b"[")
+        for v in obj:
+            _update(h, v)
+            h.update(b",")
+        h.update(b"]")
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
