@@ -4,6 +4,7 @@ fixed labeled classes, and that the unlabeled rows actually help."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
@@ -349,3 +350,14 @@ def test_pseudo_labels_beat_the_labeled_only_nearest_class_mean(
     acc = float((fits[(1, 4)].proba.argmax(1) == split.y_u).mean())
     assert baseline > 0.5  # a sane baseline, not a strawman
     assert acc >= baseline + 0.04, (acc, baseline)
+
+
+def test_stopping_at_max_iter_warns_as_scikit_learn_does(split: Split) -> None:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match=r"max_iter=2"):
+        _fit(split, GMMConfig(max_iter=2, tol=0.0), n_shards=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = _fit(split, GMMConfig(max_iter=500, tol=1e-3), n_shards=2)  # stops by tol
+    assert res.rounds < 500

@@ -13,12 +13,14 @@ is the exact maximiser, the objective (log-likelihood + log prior) never decreas
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
+from sklearn.exceptions import ConvergenceWarning
 
 from raysl.backends.base import FitContext, Shard
 from raysl.config import GMMConfig
@@ -140,8 +142,14 @@ class GMMBackend:
         objective = total.loglik + log_prior(st["covs"], st["rho"])
         weights, means, covs = m_step(total, st["rho"])
         gain = objective - st["objective"]
-        done = (st["iter"] + 1 >= self.cfg.max_iter
-                or (np.isfinite(st["objective"]) and gain <= self.cfg.tol * abs(objective)))
+        tol_met = bool(np.isfinite(st["objective"]) and gain <= self.cfg.tol * abs(objective))
+        done = st["iter"] + 1 >= self.cfg.max_iter or tol_met
+        if done and not tol_met:
+            # as scikit-learn's GaussianMixture does: the fit is usable but not converged
+            warnings.warn(f"GMM EM stopped at backend.gmm.max_iter={self.cfg.max_iter} before "
+                          f"its relative gain fell below backend.gmm.tol={self.cfg.tol} (last "
+                          f"gain {gain:.3g}); raise max_iter for a converged fit",
+                          ConvergenceWarning, stacklevel=2)
         self.state = {**st, "weights": weights, "means": means, "covs": covs,
                       "iter": st["iter"] + 1, "objective": objective, "done": done}
         return objective
