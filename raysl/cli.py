@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -56,8 +57,22 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, parse_set(args.set))
 
 
+def _log_to_stderr() -> None:
+    """The command prints raysl's progress and summary (INFO, to stdout as before) and its
+    warnings; the library itself installs no handler."""
+    logger = logging.getLogger("raysl")
+    if not any(getattr(h, "_raysl_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._raysl_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # Ray's root handlers would print every line twice
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _log_to_stderr()
     try:
         if args.command == "keys":
             from raysl.config import get
