@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from raysl.config import Config, load_config, parse_set, valid_keys
 from raysl.errors import RayslError
@@ -57,22 +58,32 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, parse_set(args.set))
 
 
-def _log_to_stderr() -> None:
-    """The command prints raysl's progress and summary (INFO, to stdout as before) and its
-    warnings; the library itself installs no handler."""
+@contextmanager
+def _console_logging() -> Iterator[None]:
+    """While the command runs, raysl's progress and summary (INFO) and warnings go to stdout;
+    the logger is restored after (the library itself installs no handler)."""
     logger = logging.getLogger("raysl")
-    if not any(getattr(h, "_raysl_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._raysl_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    before = logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # Ray's root handlers would print every line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _log_to_stderr()
+    with _console_logging():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "keys":
             from raysl.config import get

@@ -56,3 +56,12 @@ def test_keys_lists_every_config_key() -> None:
     assert r.returncode == 0, r.stderr
     assert "select.threshold = 0.95" in r.stdout
     assert "backend.gmm.pca_dim = 16" in r.stdout
+
+
+def test_the_command_leaves_the_raysl_logger_as_it_found_it(tmp_path: Path) -> None:
+    import logging
+
+    logger = logging.getLogger("raysl")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    assert main(["run", "--out", str(tmp_path), "--set", "select.threshold=7"]) == 2
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
