@@ -34,7 +34,19 @@ _EXPORTS: dict[str, str] = {
     "DataError": "raysl.errors",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataError",
+    "PseudoLabelClassifier",
+    "RayslError",
+    "Result",
+    "__version__",
+    "load_model",
+    "make_config",
+    "run",
+    "tune",
+]
 
 
 def __getattr__(name: str) -> Any:

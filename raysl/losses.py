@@ -7,20 +7,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def supervised_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy of logits (n, C) against labels (n,) int64, averaged."""
+    return F.cross_entropy(logits, y)
+
+
+def pseudo_label_loss(logits: Tensor, y: Tensor, w: Tensor | None = None) -> Tensor:
+    """Confidence-weighted cross-entropy on pseudo-labeled rows: logits (n, C), labels (n,),
+    weights ``w`` (n,) in [0, 1]. Averaged over the batch (not over the kept rows), so a batch
+    of low-confidence rows contributes little."""
+    ce = F.cross_entropy(logits, y, reduction="none")  # (n,)
+    return (ce * w).mean() if w is not None else ce.mean()
+
+
 def joint_loss(logits_l: Tensor, y_l: Tensor, logits_u: Tensor | None = None,
                y_u: Tensor | None = None, w_u: Tensor | None = None,
                lambda_u: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """CE on labeled rows + ``lambda_u`` × confidence-weighted CE on pseudo-labeled rows.
-
-    Shapes: logits (n, C), targets (n,) int64, weights ``w_u`` (n_u,) in [0, 1].
-    The unlabeled term is averaged over the pseudo-labeled batch (not over the kept rows), so a
-    batch of low-confidence rows contributes little. Returns (total, supervised, unsupervised).
-    """
-    sup = F.cross_entropy(logits_l, y_l)
+    """The offline objective in one expression: :func:`supervised_loss` + ``lambda_u`` ×
+    :func:`pseudo_label_loss` (what ``raysl.objectives`` sums term by term). Returns (total,
+    supervised, unsupervised)."""
+    sup = supervised_loss(logits_l, y_l)
     if logits_u is None or y_u is None or len(y_u) == 0:
         return sup, sup.detach(), torch.zeros((), device=sup.device)
-    ce = F.cross_entropy(logits_u, y_u, reduction="none")  # (n_u,)
-    unsup = (ce * w_u).mean() if w_u is not None else ce.mean()
+    unsup = pseudo_label_loss(logits_u, y_u, w_u)
     return sup + lambda_u * unsup, sup.detach(), unsup.detach()
 
 

@@ -30,20 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raysl import augment
 from raysl.config import TrainConfig
-from raysl.losses import (
-    align_distribution,
-    apply_prior,
-    ema,
-    fixmatch_loss,
-    flexmatch_thresholds,
-    freematch_thresholds,
-    freematch_update,
-    joint_loss,
-    label_prior,
-)
 from raysl.models import build_model
+from raysl.objectives import objectives
 
 logger = logging.getLogger("raysl")
 
@@ -86,34 +75,9 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * math.cos(7 * math.pi * step / (16 * max(total_steps, 1)))
 
 
-def offline_weight(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """Weight of the backend's kept pseudo-labels at a step: ``lambda_u`` throughout, except
-    with FixMatch, where ``offline = warm`` fades it linearly to 0 at half the steps (the backend
-    starts the model, the online labels take over) and ``none`` / ``prior`` use no targets."""
-    if not cfg.fixmatch or cfg.offline == "targets":
-        return cfg.lambda_u
-    if cfg.offline == "warm":
-        return cfg.lambda_u * max(0.0, 1 - 2 * step / max(total_steps, 1))
-    return 0.0
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(list(key))
-
-
-def init_ssl_state(n_u: int, n_classes: int) -> dict[str, Tensor]:
-    """The running statistics of online pseudo-labelling, saved with a checkpoint:
-    ``p_model`` (C,) mean weak-view prediction (distribution alignment), ``tau`` () and
-    ``p_local`` (C,) FreeMatch's global/local estimates, ``label_hist`` (n_u,) FlexMatch's last
-    confident label per unlabeled row (-1: none yet). All start uninformed (1/C, -1)."""
-    flat = torch.full((n_classes,), 1.0 / n_classes)
-    return {"p_model": flat.clone(), "tau": torch.tensor(1.0 / n_classes),
-            "p_local": flat.clone(), "label_hist": torch.full((n_u,), -1, dtype=torch.long)}
 
 
 def ema_decay(cfg: TrainConfig, step: int) -> float:
@@ -133,163 +97,53 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         tb.copy_(sb)
 
 
-def _gather(t: Tensor, world_size: int) -> Tensor:
-    """Rows of ``t`` from every DDP rank (same shape on each), so that the running
-    statistics of pseudo-labelling stay identical across ranks; ``t`` alone without DDP."""
-    dist = torch.distributed
-    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return t
-    out = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
-def _thresholds(cfg: TrainConfig, state: dict[str, Tensor], probs: Tensor,
-                idx: Tensor) -> float | Tensor:
-    """Threshold(s) for weak-view ``probs`` (n, C) of all ranks' unlabeled rows ``idx`` (n,);
-    updates the adaptive state in place."""
-    if cfg.threshold_mode == "fixed":
-        return cfg.fixmatch_threshold
-    if cfg.threshold_mode == "freematch":
-        state["tau"], state["p_local"] = freematch_update(state["tau"], state["p_local"], probs)
-        return freematch_thresholds(state["tau"], state["p_local"])
-    # flexmatch: thresholds from the history so far, then record this batch's confident rows
-    tau = flexmatch_thresholds(state["label_hist"], probs.shape[1], cfg.fixmatch_threshold)
-    conf, label = probs.max(dim=1)
-    keep = conf > cfg.fixmatch_threshold
-    state["label_hist"][idx[keep]] = label[keep]
-    return tau
-
-
-def _rank_rows(n: int, steps: int, cfg: TrainConfig, epoch: int, rank: int, world_size: int,
-               keys: tuple[int, int]) -> np.ndarray:
-    """Row indices (steps, mu × batch_size) into ``n`` rows for this rank: the same
-    permutation on every rank, then a rank-strided share (as a DistributedSampler), cycled when
-    there are few rows. ``keys`` name the generators (shared permutation, lone-rank fallback),
-    so each stream of rows is independent of the others."""
-    perm = _rng(cfg.seed, epoch, keys[0]).permutation(n)[rank::world_size]
-    if len(perm) == 0:  # fewer rows than ranks
-        perm = _rng(cfg.seed, epoch, rank, keys[1]).integers(0, n, 1)
-    return np.resize(perm, steps * cfg.mu * cfg.batch_size).reshape(steps, -1)
-
-
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
               epoch: int, rank: int = 0, world_size: int = 1,
               device: torch.device | str = "cpu",
               on_step: Callable[[int, int], None] | None = None,
               teacher: nn.Module | None = None,
               ssl_state: dict[str, Tensor] | None = None) -> dict[str, float]:
-    """Train one epoch on this rank's share of the batches; returns mean losses (and, with
-    ``cfg.fixmatch``, the online pseudo-labels' mask rate and accuracy).
+    """Train one epoch on this rank's share of the batches: every step, each objective of
+    :func:`raysl.objectives.objectives` draws its rows, one forward pass runs over all of them,
+    and the step's loss is the sum of the objectives' losses. Returns the mean losses (and,
+    with ``cfg.fixmatch``, the online pseudo-labels' mask rate and accuracy).
 
     ``on_step(step, steps)`` is called after every optimizer step (progress, fault tests).
     ``teacher``: the EMA copy of the (unwrapped) model, updated after every step when
     ``cfg.ema > 0``; with ``cfg.fixmatch`` it labels the weak views. ``ssl_state`` (see
-    :func:`init_ssl_state`; created on first use if empty) carries the adaptive thresholds and
-    distribution alignment across epochs: keep it and checkpoint it with the model."""
+    :func:`raysl.objectives.init_ssl_state`; created on first use if empty) carries the adaptive
+    thresholds and distribution alignment across epochs: keep it and checkpoint it with the
+    model."""
     steps = steps_per_epoch(data.n_u, cfg, world_size)
     total = steps * cfg.epochs
     torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)  # dropout, per epoch & rank
-    idx_l = _rng(cfg.seed, epoch, rank, 0).integers(0, len(data.y_l), (steps, cfg.batch_size))
-    use_p = (cfg.lambda_u > 0 and len(data.y_p) > 0
-             and not (cfg.fixmatch and cfg.offline in ("none", "prior")))
-    if use_p:
-        idx_p = _rank_rows(len(data.y_p), steps, cfg, epoch, rank, world_size, keys=(1, 2))
-    use_u = cfg.fixmatch and cfg.lambda_u > 0 and data.x_u is not None and len(data.x_u) > 0
-    if cfg.fixmatch:
-        # Augmentations from their own generator: a redone epoch sees the same views.
-        gen = torch.Generator().manual_seed(int(_rng(cfg.seed, epoch, rank, 4).integers(2**62)))
-    if use_u:
-        assert data.x_u is not None
-        idx_u = _rank_rows(len(data.x_u), steps, cfg, epoch, rank, world_size, keys=(3, 5))
-        state = ssl_state if ssl_state is not None else {}
-        use_prior = cfg.offline == "prior" and data.prior_label is not None
-        # a copy: arrays from the object store are read-only, which torch warns about
-        y_u = torch.from_numpy(np.array(data.y_u)) if data.y_u is not None else None
-        # kept, correct among kept, known among kept, correct, known (pseudo-label accuracy)
-        counts = np.zeros(6)
+    terms = objectives(data, cfg, epoch, rank, world_size, steps, device, teacher,
+                       ssl_state if ssl_state is not None else {})
     model.train()
     if teacher is not None:
         teacher.eval()  # no dropout in the labeller
-    sums = np.zeros(4)
+    loss_sum = 0.0
     for s in range(steps):
         for g in opt.param_groups:
             g["lr"] = learning_rate(cfg, epoch * steps + s, total)
-        xl = torch.from_numpy(data.x_l[idx_l[s]]).to(device)
-        yl = torch.from_numpy(data.y_l[idx_l[s]]).to(device)
-        if cfg.fixmatch:
-            xl = augment.weak(xl.cpu(), gen).to(device)
-        parts = [xl]
-        if use_p:
-            parts.append(torch.from_numpy(data.x_p[idx_p[s]]).to(device))
-        if use_u:
-            assert data.x_u is not None
-            xu = torch.from_numpy(data.x_u[idx_u[s]])
-            xw = augment.weak(xu, gen).to(device)
-            xs = augment.strong(xu, gen).to(device)
-            parts += [xs] if teacher is not None else [xw, xs]
-        logits = model(torch.cat(parts)) if len(parts) > 1 else model(xl)
-        nl, nu = len(xl), cfg.mu * cfg.batch_size
-        if use_p:
-            loss, sup, unsup = joint_loss(
-                logits[:nl], yl, logits[nl:nl + nu],
-                torch.from_numpy(data.y_p[idx_p[s]]).to(device),
-                torch.from_numpy(data.w_p[idx_p[s]]).to(device),
-                offline_weight(cfg, epoch * steps + s, total))
-        else:
-            loss, sup, unsup = joint_loss(logits[:nl], yl)
-        fm = torch.zeros(())
-        if use_u:
-            logits_s = logits[-nu:]
-            with torch.no_grad():
-                logits_w = teacher(xw) if teacher is not None else logits[-2 * nu:-nu]
-                probs = torch.softmax(logits_w.detach().float(), dim=1)  # (nu, C)
-                if not state:
-                    state.update(init_ssl_state(len(data.x_u), probs.shape[1]))
-                iu = torch.from_numpy(idx_u[s])
-                if use_prior:
-                    assert data.prior_label is not None and data.prior_conf is not None
-                    probs = apply_prior(probs, label_prior(
-                        torch.from_numpy(data.prior_label[idx_u[s]]),
-                        torch.from_numpy(data.prior_conf[idx_u[s]]).float(),
-                        probs.shape[1]).to(probs.device))
-                # gathered on the device (nccl needs CUDA tensors), kept on the CPU like state
-                all_probs = _gather(probs, world_size).cpu()
-                all_idx = _gather(iu.to(probs.device), world_size).cpu()
-                if cfg.dist_align:
-                    state["p_model"] = ema(state["p_model"], all_probs.mean(0), 0.999)
-                    probs = align_distribution(probs, state["p_model"].to(probs.device))
-                    all_probs = align_distribution(all_probs, state["p_model"])
-                tau = _thresholds(cfg, state, all_probs, all_idx)
-                if isinstance(tau, Tensor):
-                    tau = tau.to(probs.device)
-            fm, mask, pseudo = fixmatch_loss(logits_s, probs, tau)
-            loss = loss + cfg.lambda_u * fm
-            if y_u is not None:
-                truth = y_u[iu]
-                known = (truth >= 0).float()
-                right = (pseudo.cpu() == truth).float() * known
-                kept = mask.cpu()
-                counts += [kept.sum().item(), (right * kept).sum().item(),
-                           (known * kept).sum().item(), right.sum().item(), known.sum().item(),
-                           len(truth)]
-            else:
-                counts += [mask.sum().item(), 0, 0, 0, 0, len(mask)]
+        parts = [t.inputs(s) for t in terms]
+        logits = model(torch.cat(parts)) if len(parts) > 1 else model(parts[0])
+        outs = torch.split(logits, [len(p) for p in parts])
+        losses = [t.loss(s, out) for t, out in zip(terms, outs, strict=True)]
+        loss = sum(losses[1:], losses[0])  # left to right: sup + offline + fixmatch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if teacher is not None and cfg.ema > 0:
             ema_update(teacher, unwrap(model), ema_decay(cfg, epoch * steps + s))
-        sums += [loss.item(), sup.item(), unsup.item(), fm.item()]
+        loss_sum += loss.item()
         if on_step is not None:
             on_step(s, steps)
-    mean = (sums / steps).tolist()  # plain floats: checkpoints load with weights_only=True
-    row = {"loss": mean[0], "loss_sup": mean[1], "loss_unsup": mean[2], "steps": steps}
-    if use_u:
-        kept, right_kept, known_kept, right, known, n = counts.tolist()
-        row.update(loss_fixmatch=mean[3], mask_rate=kept / max(n, 1),
-                   pl_precision=right_kept / known_kept if known_kept else float("nan"),
-                   pl_accuracy=right / known if known else float("nan"))
+    # plain floats: checkpoints load with weights_only=True
+    row: dict[str, float] = {"loss": loss_sum / steps, "loss_unsup": 0.0}
+    for t in terms:
+        row.update(t.metrics(steps))
+    row["steps"] = steps
     return row
 
 

@@ -117,3 +117,21 @@ def test_readme_from_python_example_runs(tmp_path: Path,
     assert (tmp_path / "runs/from-python/model.pt").is_file()
     assert result.metrics["final"]["model"] in ("joint", "baseline")  # type: ignore[attr-defined]
     assert "zero" in list(clf.classes_)  # type: ignore[attr-defined]
+
+
+def test_readme_layout_matches_the_tree() -> None:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = {line.split()[0] for line in block.splitlines() if line and not line[0].isspace()}
+    for entry in listed:
+        assert (ROOT / entry).exists(), f"README Layout lists {entry}, which does not exist"
+    pkg = ROOT / "raysl"
+    actual = {f"raysl/{p.name}" for p in pkg.glob("*.py") if p.name != "__init__.py"}
+    actual |= {f"raysl/{p.name}/" for p in pkg.iterdir()
+               if p.is_dir() and (p / "__init__.py").is_file()}
+    missing = actual - {e.rstrip("/") + ("/" if (ROOT / e).is_dir() else "") for e in listed}
+    assert not missing, f"README Layout misses {sorted(missing)}"
+
+
+def test_all_and_the_lazy_exports_agree() -> None:
+    assert set(raysl.__all__) == {*raysl._EXPORTS, "__version__"}

@@ -26,13 +26,12 @@ from raysl.losses import (
     label_prior,
 )
 from raysl.models import build_model
+from raysl.objectives import init_ssl_state, offline_weight
 from raysl.train import (
     TrainData,
     ema_decay,
     ema_update,
-    init_ssl_state,
     make_optimizer,
-    offline_weight,
     run_epoch,
     steps_per_epoch,
 )
