@@ -1,7 +1,7 @@
 """``raysl bench ray-overhead``: a training epoch through Ray Train (1 worker) vs the same loop
 in plain PyTorch (same model, data, batch, config and thread count), as a throughput ratio.
 
-Both sides run :func:`raysl.train.run_epoch` and then the validation pass; the Ray side is
+Both sides run :func:`raysl.train.train_loop` (epochs and the validation pass); the Ray side is
 ``train_classifier`` (TorchTrainer, 1 worker holding ``--threads`` CPUs, so Ray gives it as many
 OpenMP threads), which also calls ``ray.train.report`` every epoch and attaches a checkpoint
 every ``train.checkpoint_every`` epochs (one Ray run per value of ``--checkpoint-every``). The
@@ -27,25 +27,18 @@ import torch
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
 from raysl.data import load_dataset, make_split
 from raysl.models import build_model
-from raysl.train import TrainData, accuracy, make_optimizer, run_epoch
+from raysl.train import TrainData, train_loop
 
 
 def plain_epochs(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...], n_classes: int,
                  threads: int) -> list[tuple[float, float]]:
     """(training, validation) seconds of each epoch of the in-process loop: the Ray worker's
-    loop without Ray (the same ``run_epoch`` and validation pass, no checkpoint, no report)."""
+    :func:`~raysl.train.train_loop` without Ray (no checkpoint, no report)."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build_model(input_shape, n_classes, cfg.hidden, cfg.init)
-    opt = make_optimizer(model, cfg)
-    out = []
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        run_epoch(model, opt, data, cfg, epoch)
-        t1 = time.perf_counter()
-        accuracy(model, data.x_val, data.y_val)
-        out.append((t1 - t0, time.perf_counter() - t1))
-    return out
+    _, history, _ = train_loop(model, data, cfg)
+    return [(h["train_seconds"], h["epoch_seconds"] - h["train_seconds"]) for h in history]
 
 
 def ray_epochs(history: list[dict[str, float]]) -> list[tuple[float, float, float]]:
