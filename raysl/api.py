@@ -58,10 +58,10 @@ def _frame_arrays(df: pd.DataFrame, label: str = "y") -> tuple[np.ndarray, np.nd
     return df[feats].to_numpy(np.float32), df[label].to_numpy()
 
 
-def in_memory_dataset(data: Any) -> tuple[Dataset, np.ndarray]:
-    """``(x, y)`` arrays, a DataFrame or a Ray Dataset -> (a Dataset with labels 0..C-1, the
-    user's classes ``(C,)``)."""
-    from raysl.data import _from_arrays, encode_labels
+def in_memory_dataset(data: Any) -> Dataset:
+    """``(x, y)`` arrays, a DataFrame or a Ray Dataset -> a Dataset (labels 0..C-1; the user's
+    labels in ``classes``)."""
+    from raysl.data import _from_arrays
 
     if type(data).__module__.startswith("ray.data"):
         data = data.to_pandas()
@@ -72,10 +72,7 @@ def in_memory_dataset(data: Any) -> tuple[Dataset, np.ndarray]:
     else:
         raise DataError(f"data: got {type(data).__name__}; expected a dataset name or path, "
                         "(x, y) arrays, a pandas DataFrame or a Ray Dataset")
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"data: x has dtype {x.dtype}; expected numbers")
-    codes, classes = encode_labels(y, "data: y")
-    return _from_arrays("data", x, codes), classes
+    return _from_arrays("data", x, y)
 
 
 @dataclass(frozen=True)
@@ -125,18 +122,17 @@ def run(config: ConfigLike = None, *, data: Any = None, out: str | Path | None =
     ``logging.getLogger("raysl")``; runs on Ray unless ``ray.enabled`` is false."""
     from raysl import pipeline
 
-    dataset, classes = None, None
+    dataset = None
     if isinstance(data, str | Path):
         overrides = {**overrides, "data__dataset": str(data)}
     elif data is not None:
-        dataset, classes = in_memory_dataset(data)
+        dataset = in_memory_dataset(data)
         overrides = {"data__dataset": "in-memory", **overrides}
     cfg = make_config(config, **overrides)
     split = pipeline.check(cfg, dataset)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="raysl-"))
     metrics = pipeline.run(cfg, out, split=split)
-    if classes is None:
-        classes = np.arange(split.n_classes)
+    classes = split.classes if split.classes is not None else np.arange(split.n_classes)
     return Result(metrics, load_model(out / "model.pt"), out, classes,
                   out / "pseudo_labels.parquet")
 

@@ -327,7 +327,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {str(p)!r}: file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:  # syntax errors, and tags such as !!python/... (refused)
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config {str(p)!r}: not valid YAML{at}: {what} (plain "
+                              "YAML only: keys, numbers, strings, lists)") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"--config {str(p)!r}: unreadable ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {str(p)!r}: expected a mapping of config keys")
         for k, v in raw.items():

@@ -33,6 +33,8 @@ class Dataset:
     n_classes: int
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    # the user's label of each class 0..C-1 (None: the labels were 0..C-1 already)
+    classes: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +60,7 @@ class Split:
     key: str  # fingerprint of the data and split parameters (cache keys)
     # the input transform already applied to every x above (vectors), saved with the model
     standardizer: Standardizer | None = None
+    classes: np.ndarray | None = None  # the user's labels of classes 0..C-1 (None: 0..C-1)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -248,6 +251,9 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
 
 
 def _from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{name}: x has dtype {x.dtype}; features must be numbers (int, uint "
+                        "or float)")
     if x.ndim not in (2, 3, 4):
         raise DataError(f"{name}: x has shape {x.shape}; expected (n, d), (n, h, w) or "
                         "(n, c, h, w)")
@@ -259,18 +265,13 @@ def _from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
         x = x / 255.0
     if x.ndim == 3:
         x = x[:, None]
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise DataError(f"{name}: y must hold integer labels (0..C-1, or -1 for unlabeled)")
-    y = y.astype(np.int64)
-    bad = (y < -1)
-    if bad.any():
-        raise DataError(f"{name}: y has labels {sorted(set(y[bad].tolist()))[:5]}; allowed are "
-                        "0..C-1 and -1 (unlabeled)")
-    if (y >= 0).sum() == 0:
-        raise DataError(f"{name}: y has no labeled rows (all are -1)")
-    n_classes = int(y.max()) + 1
-    return Dataset(name, np.asarray(x, np.float32), y, n_classes)
+    codes, classes = encode_labels(y, f"{name}: y")
+    if (codes >= 0).sum() == 0:
+        raise DataError(f"{name}: y has no labeled rows (all are unlabeled: -1, empty or null)")
+    plain = (np.issubdtype(classes.dtype, np.integer)
+             and np.array_equal(classes, np.arange(len(classes))))
+    return Dataset(name, np.asarray(x, np.float32), codes, len(classes),
+                   classes=None if plain else classes)
 
 
 def _unlabeled(v: object) -> bool:
@@ -290,6 +291,11 @@ def encode_labels(y: np.ndarray | list, name: str = "y") -> tuple[np.ndarray, np
         raise DataError(f"{name}: has shape {y.shape}; expected (n,)")
     if np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_):
         unl = (y == -1) | np.isnan(y.astype(np.float64))
+        frac = y[~unl] != np.round(y[~unl]) if y.dtype.kind == "f" else np.zeros(0, bool)
+        if frac.any():
+            raise DataError(f"{name}: holds non-integer numbers (e.g. {y[~unl][frac][0]}), a "
+                            "regression target? Labels must be integers, strings or other "
+                            "categories (-1, empty or null: unlabeled)")
     else:
         unl = np.fromiter((_unlabeled(v) for v in y), bool, len(y))
     try:
@@ -302,30 +308,80 @@ def encode_labels(y: np.ndarray | list, name: str = "y") -> tuple[np.ndarray, np
     return out, classes
 
 
+def _read_npz(p: Path, path: str) -> Dataset:
+    import zipfile
+
+    try:
+        f = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"data.dataset={path!r}: not a readable .npz file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise DataError(f"data.dataset={path!r}: a single .npy array, not an .npz archive of "
+                        "arrays 'x' and 'y'")
+    with f:
+        missing = {"x", "y"} - set(f.files)
+        if missing:
+            raise DataError(f"data.dataset={path!r}: missing arrays {sorted(missing)}; "
+                            f"found {sorted(f.files)}; expected 'x' and 'y'")
+        arrays = {}
+        for k in ("x", "y"):
+            try:
+                arrays[k] = f[k]
+            except ValueError:  # an object array: reading it would unpickle
+                raise DataError(f"data.dataset={path!r}: array {k!r} holds Python objects "
+                                "(pickled); raysl reads numeric arrays (and string labels), "
+                                "never pickles") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"data.dataset={path!r}: array {k!r} is unreadable "
+                                f"({type(e).__name__}: {e}); is the file complete?") from None
+    return _from_arrays(str(p), arrays["x"], arrays["y"])
+
+
+def _read_parquet(p: Path, path: str) -> Dataset:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"data.dataset={path!r}: not a readable Parquet file "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    # a pandas index saved with the frame is not a feature
+    index_cols = set()
+    meta = table.schema.pandas_metadata or {}
+    for col in meta.get("index_columns", []):
+        if isinstance(col, str):
+            index_cols.add(col)
+    index_cols |= {c for c in table.column_names if c.startswith("__index_level_")}
+    if "y" not in table.column_names:
+        raise DataError(f"data.dataset={path!r}: no column 'y'; found {table.column_names}")
+    feats = [c for c in table.column_names if c != "y" and c not in index_cols]
+    bad = [c for c in feats if not (pa.types.is_integer(table.schema.field(c).type)
+                                    or pa.types.is_floating(table.schema.field(c).type))]
+    if bad:
+        raise DataError(f"data.dataset={path!r}: feature columns must be numeric; "
+                        + ", ".join(f"{c!r} is {table.schema.field(c).type}" for c in bad[:5]))
+    if not feats:
+        raise DataError(f"data.dataset={path!r}: no feature columns besides 'y'")
+    y = table.column("y").to_numpy(zero_copy_only=False)
+    x = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+                  for c in feats], axis=1)
+    return _from_arrays(str(p), x, y)
+
+
 def load_file(path: str) -> Dataset:
     """A user's data: ``.npz`` with arrays ``x`` and ``y``, or ``.parquet`` with a column ``y``
-    and numeric feature columns. ``y = -1`` marks unlabeled rows."""
+    and numeric feature columns (a saved pandas index is not one). ``y``: any labels; -1, empty
+    or null marks unlabeled rows."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data.dataset={path!r}: file not found (and not one of the named "
                         f"datasets: {', '.join(DATASETS)})")
     if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as f:
-            missing = {"x", "y"} - set(f.files)
-            if missing:
-                raise DataError(f"data.dataset={path!r}: missing arrays {sorted(missing)}; "
-                                f"found {sorted(f.files)}; expected 'x' and 'y'")
-            return _from_arrays(str(p), f["x"], f["y"])
+        return _read_npz(p, path)
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(p)
-        if "y" not in table.column_names:
-            raise DataError(f"data.dataset={path!r}: no column 'y'; found {table.column_names}")
-        y = table.column("y").to_numpy()
-        feats = [c for c in table.column_names if c != "y"]
-        x = np.stack([table.column(c).to_numpy().astype(np.float32) for c in feats], axis=1)
-        return _from_arrays(str(p), x, y)
+        return _read_parquet(p, path)
     raise DataError(f"data.dataset={path!r}: unknown file type {p.suffix!r}; use .npz or "
                     f".parquet, or one of: {', '.join(DATASETS)}")
 
@@ -405,6 +461,7 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
         x_l=ds.x[idx_l], y_l=ds.y[idx_l], x_u=ds.x[idx_u], y_u=ds.y[idx_u],
         x_val=ds.x[idx_v], y_val=ds.y[idx_v], x_test=x_test, y_test=y_test,
         idx_l=idx_l, idx_u=idx_u, n_classes=ds.n_classes, key=_fingerprint(ds, cfg),
+        classes=ds.classes,
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -80,6 +81,20 @@ def prepare(split: Split, cfg: Config) -> Split:
     :func:`check` does."""
     _check_names(cfg)
     return standardize_split(split, cfg.data.n_shards) if cfg.data.standardize else split
+
+
+def check_out(out: Path) -> None:
+    """Make ``out`` (and parents) and prove it writable, or raise ConfigError naming it."""
+    for p in [out, *out.parents]:
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--out {str(out)!r}: {str(p)!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {str(out)!r}: not a writable directory ({e.strerror or e})"
+                          ) from None
 
 
 # -- stage 1 and 4: classifiers -------------------------------------------------------------
@@ -441,7 +456,7 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
     t0 = time.perf_counter()
     split = split if split is not None else check(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     write_text(out / "config.yaml", dump_yaml(cfg))
     logger.info("raysl: %s: %d labeled, %d unlabeled, %d validation, %d test rows; output in "
                 "%s", cfg.data.dataset, len(split.y_l), len(split.x_u), len(split.y_val),

@@ -182,16 +182,21 @@ def test_npz_with_nan_features(tmp_path: Path) -> None:
         load_dataset(DataConfig(dataset=path))
 
 
-def test_npz_with_labels_below_minus_one(tmp_path: Path) -> None:
-    y = np.array([0, 1, -1, -2, 1, -5])
-    path = _write_npz(tmp_path / "neg.npz", x=np.zeros((6, 2)), y=y)
-    with pytest.raises(DataError, match=r"y has labels \[-5, -2\]"):
-        load_dataset(DataConfig(dataset=path))
+def test_npz_labels_of_any_integers_and_strings_map_to_classes(tmp_path: Path) -> None:
+    y = np.array([0, 1, -1, -2, 1, -5])  # -1 is unlabeled; -2 and -5 are classes like any
+    ds = load_dataset(DataConfig(dataset=_write_npz(tmp_path / "neg.npz", x=np.zeros((6, 2)),
+                                                    y=y)))
+    assert list(ds.classes) == [-5, -2, 0, 1]
+    assert list(ds.y) == [2, 3, -1, 1, 3, 0]
+    names = np.array(["cat", "", "dog", "cat"])  # "" is unlabeled
+    ds = load_dataset(DataConfig(dataset=_write_npz(tmp_path / "s.npz", x=np.zeros((4, 2)),
+                                                    y=names)))
+    assert list(ds.classes) == ["cat", "dog"] and list(ds.y) == [0, -1, 1, 0]
 
 
 def test_npz_with_non_integer_float_labels(tmp_path: Path) -> None:
     path = _write_npz(tmp_path / "frac.npz", x=np.zeros((3, 2)), y=np.array([0.0, 1.5, 1.0]))
-    with pytest.raises(DataError, match="integer labels"):
+    with pytest.raises(DataError, match=r"non-integer numbers \(e\.g\. 1\.5\)"):
         load_dataset(DataConfig(dataset=path))
 
 
