@@ -54,3 +54,14 @@ def write_npz(path: str | Path, **arrays: Any) -> Path:
             np.savez(f, **arrays)
 
     return write_with(path, writer)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (integrity checks of outputs on reuse)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

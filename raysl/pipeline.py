@@ -25,6 +25,7 @@ import logging
 import math
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from raysl.backends.base import FitResult, LocalExecutor, Shard, ShardWorker, fi
 from raysl.config import Config, dump_yaml
 from raysl.data import Dataset, Split, load_dataset, make_split, shard
 from raysl.errors import ConfigError
-from raysl.io import write_json, write_npz, write_text, write_with
+from raysl.io import sha256_file, write_json, write_npz, write_text, write_with
 from raysl.metrics import expected_calibration_error, pseudo_label_metrics
 from raysl.models import build_model
 from raysl.preprocess import Standardize, standardize_split
@@ -132,12 +133,11 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     ``verbose`` logs one line per epoch."""
     d = out / stage
     record_path = d / "result.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("key") == key and (d / "model.pt").is_file():
-            logger.info("[%s] cached result found (%s); skipping training", stage, record_path)
-            record["cached"] = True
-            return record
+    record = verified_record(d, key)
+    if record is not None:
+        logger.info("[%s] cached result found (%s); skipping training", stage, record_path)
+        record["cached"] = True
+        return record
     where = (f"{cfg.train.num_workers} Ray Train worker(s)" if cfg.ray.enabled
              else "in this process")
     logger.info("[%s] training: %d labeled + %d pseudo-labeled rows, %d epochs, %s", stage,
@@ -158,6 +158,7 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     val_proba = predict_proba(model, split.x_val)
     record = {
         "key": key,
+        "files": {"model.pt": sha256_file(d / "model.pt")},  # checked on every reuse
         "test_accuracy": accuracy(model, split.x_test, split.y_test),
         "val_accuracy": _accuracy(val_proba, split.y_val),
         "val_ece": expected_calibration_error(val_proba, split.y_val),
@@ -170,6 +171,31 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     write_json(record_path, json_safe(record))  # last: its presence marks the stage done
     record["cached"] = False
     return record
+
+
+def verified_record(d: Path, key: str | None = None) -> dict[str, Any] | None:
+    """The stage record in ``d/result.json`` when it is complete, made with ``key`` (None:
+    any) and every file it lists has the checksum recorded; else None. A corrupt or truncated
+    stage is reported (a warning) and removed, so the caller redoes it."""
+    path = d / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        record, files = None, None
+    if record is not None and key is not None and record.get("key") != key:
+        return None  # another config's result: redone, not corrupt
+    bad = ([f for f, digest in files.items() if not (d / f).is_file()
+            or sha256_file(d / f) != digest] if files is not None else ["result.json"])
+    if not bad:
+        return record
+    logger.warning("%s: %s corrupt or incomplete (checksum); removing it and redoing this "
+                   "stage", d, ", ".join(bad))
+    for f in ["result.json", *(files or {})]:
+        (d / f).unlink(missing_ok=True)
+    return None
 
 
 def _empty_pseudo(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,11 +266,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     key = cache_key(b.name, split.key, config_part("backend", cfg),
                     classifier_state if is_self else None)
     path = (cache_dir or out / "cache") / f"proba-{b.name}-{key}.npz"
-    cached = None
-    if path.is_file():
-        with np.load(path) as f:
-            if "val_proba" in f.files:  # older caches lack it: refit
-                cached = {k: f[k] for k in f.files}
+    cached = _read_cache(path)
     if cached is not None:
         logger.info("[pseudo-label] cached %s probabilities found (%s); no refit", b.name, path)
         res_proba, val_proba = cached["proba"], cached["val_proba"]
@@ -290,6 +312,25 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             "val_ece": expected_calibration_error(val_proba, split.y_val), **info}
 
 
+_CACHE_ARRAYS = ("proba", "val_proba", "seconds", "rounds", "objective", "nodes")
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """A backend's cached probabilities, or None when missing. A truncated or corrupt file
+    (the zip's CRCs catch it) is reported, removed and refitted."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            cached = {k: f[k] for k in _CACHE_ARRAYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        logger.warning("%s: corrupt or incomplete (%s); removing it and refitting", path,
+                       type(e).__name__)
+        path.unlink(missing_ok=True)
+        return None
+    return cached
+
+
 def _nan_low(x: float) -> float:
     return x if math.isfinite(x) else -1.0
 
@@ -312,8 +353,13 @@ def read_pseudo_labels(path: Path, split: Split) -> tuple[Selection, str]:
     if not path.is_file():
         raise ConfigError(f"{path}: no pseudo-labels here; run `raysl pseudo-label` (or "
                           "`raysl run`) with this --out first")
-    t = pq.read_table(path)
-    rows = t.column("row").to_numpy()
+    try:
+        t = pq.read_table(path)
+        rows = t.column("row").to_numpy()
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's errors derive from these
+        raise ConfigError(f"{path}: corrupt or incomplete ({str(e).splitlines()[0][:100]}); "
+                          "run `raysl pseudo-label` (or `raysl run`) with this --out again"
+                          ) from None
     if not np.array_equal(rows, split.idx_u):
         raise ConfigError(f"{path}: made from a different data split than this config's "
                           "(data.* keys differ); re-run `raysl pseudo-label`")
@@ -497,8 +543,7 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
         else:
             sel, name = read_pseudo_labels(pq_path, split)
             metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u), "backend": name}
-            record = out / "baseline" / "result.json"
-            base = json.loads(record.read_text()) if record.is_file() else None
+            base = verified_record(out / "baseline")
         if base is not None:
             metrics["baseline"] = {k: base.get(k) for k in (
                 "test_accuracy", "val_accuracy", "val_ece", "seconds", "nodes", "cached")}
@@ -506,8 +551,7 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
             metrics["final"] = {"model": "baseline", "test_accuracy": base["test_accuracy"],
                                 "val_accuracy": base["val_accuracy"],
                                 "reason": "no unlabeled rows"}
-            src = out / "baseline" / "model.pt"
-            write_with(out / "model.pt", lambda p: p.write_bytes(src.read_bytes()))
+            _install_final(out, "baseline")
         elif stages in ("all", "train"):
             j = joint(split, cfg, out, sel)
             metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds",
@@ -524,8 +568,7 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
             metrics["final"] = final
             if final["model"] == "baseline":
                 logger.warning("the final model is the baseline: %s", final["reason"])
-            src = out / ("baseline" if final["model"] == "baseline" else last) / "model.pt"
-            write_with(out / "model.pt", lambda p: p.write_bytes(src.read_bytes()))
+            _install_final(out, "baseline" if final["model"] == "baseline" else last)
     finally:
         if started:
             import ray
@@ -535,6 +578,24 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
     write_json(out / "metrics.json", json_safe(metrics))
     logger.info("%s", summary(metrics, out))
     return metrics
+
+
+def _install_final(out: Path, stage: str) -> None:
+    """Copy ``out/<stage>/model.pt`` to ``out/model.pt``, only as a file whose checksum is
+    the one its stage recorded (checked on the copy, before the rename)."""
+    record = verified_record(out / stage)
+    if record is None:
+        raise RuntimeError(f"{out / stage}: the stage's model failed its checksum after "
+                           "training; run again to redo it")
+    digest = record["files"]["model.pt"]
+    data = (out / stage / "model.pt").read_bytes()
+
+    def write(p: Path) -> None:
+        p.write_bytes(data)
+        if sha256_file(p) != digest:
+            raise RuntimeError(f"{p}: the copy of {stage}/model.pt does not match its checksum")
+
+    write_with(out / "model.pt", write)
 
 
 def load_state(path: Path) -> dict[str, np.ndarray]:
