@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from raysl.config import Config, load_config, parse_set, valid_keys
 from raysl.errors import RayslError
@@ -55,7 +56,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, parse_set(args.set))
+    """``--config`` (or, for ``raysl train``, the run's own ``--out/config.yaml``: the same
+    data and upstream settings) then ``--set``."""
+    path = args.config
+    if path is None and args.command == "train":
+        saved = Path(args.out) / "config.yaml"
+        path = saved if saved.is_file() else None
+    return load_config(path, parse_set(args.set))
 
 
 @contextmanager
@@ -97,7 +104,7 @@ def _main(args: argparse.Namespace) -> int:
 
             return int(importlib.import_module(BENCHES[args.name]).main(args.args))
         if args.command == "tune":
-            from raysl.distributed.tune import tune
+            from raysl.tuning import tune
 
             tune(_config(args), args.space, args.out)
             return 0
@@ -109,6 +116,12 @@ def _main(args: argparse.Namespace) -> int:
     except RayslError as e:
         print(f"raysl: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        again = f" with --out {out}" if out else ""
+        print(f"raysl: interrupted. Finished stages are kept: run the same command again{again} "
+              "to resume.", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -293,9 +293,9 @@ def encode_labels(y: np.ndarray | list, name: str = "y") -> tuple[np.ndarray, np
         unl = (y == -1) | np.isnan(y.astype(np.float64))
         frac = y[~unl] != np.round(y[~unl]) if y.dtype.kind == "f" else np.zeros(0, bool)
         if frac.any():
-            raise DataError(f"{name}: holds non-integer numbers (e.g. {y[~unl][frac][0]}), a "
-                            "regression target? Labels must be integers, strings or other "
-                            "categories (-1, empty or null: unlabeled)")
+            raise DataError(f"{name}: holds non-integer numbers (e.g. {y[~unl][frac][0]}): a "
+                            "continuous (regression) target? Labels must be integers, strings or "
+                            "other categories (-1, empty or null: unlabeled)")
     else:
         unl = np.fromiter((_unlabeled(v) for v in y), bool, len(y))
     try:

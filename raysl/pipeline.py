@@ -209,9 +209,12 @@ def baseline(split: Split, cfg: Config, out: Path, **train_kwargs: Any) -> dict[
     tcfg = replace(cfg.train, lambda_u=0.0)
     data = TrainData(split.x_l, split.y_l, *_empty_pseudo(split), split.x_val, split.y_val,
                      len(split.x_u))
-    key = cache_key("baseline", split.key, config_part("baseline", cfg))
-    return train_stage("baseline", split, replace(cfg, train=tcfg), out, data, key,
-                       **train_kwargs)
+    return train_stage("baseline", split, replace(cfg, train=tcfg), out, data,
+                       baseline_key(split, cfg), **train_kwargs)
+
+
+def baseline_key(split: Split, cfg: Config) -> str:
+    return cache_key("baseline", split.key, config_part("baseline", cfg))
 
 
 # -- stage 2: backends ----------------------------------------------------------------------
@@ -241,7 +244,8 @@ def _accuracy(proba: np.ndarray, y: np.ndarray) -> float:
 
 
 def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[str, Any],
-                 use_ray: bool | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+                 use_ray: bool | None = None, cache_dir: Path | None = None,
+                 require_cached: bool = False) -> dict[str, Any]:
     """Stage 2: fit the backend over the unlabeled shards (Ray actors, or a local loop; default
     ``cfg.ray.enabled``) and cache its probabilities in ``cache_dir`` (default ``out/cache``).
     Returns ``{"backend", "proba": (n_u, C), "val_proba": (n_val, C),
@@ -253,7 +257,8 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     use_ray = cfg.ray.enabled if use_ray is None else use_ray
     if cfg.backend.name == "auto":
         recs = [pseudo_label(split, replace(cfg, backend=replace(cfg.backend, name=name)), out,
-                             classifier_state, use_ray, cache_dir) for name in AUTO_BACKENDS]
+                             classifier_state, use_ray, cache_dir, require_cached)
+                for name in AUTO_BACKENDS]
         ranked = sorted(recs, key=lambda r: -_nan_low(r["val_accuracy"]))  # stable: ties
         logger.info("[pseudo-label] auto: validation accuracy %s; best: %s", ", ".join(
             f"{r['backend']} {_pct(r['val_accuracy'])}" for r in recs), ranked[0]["backend"])
@@ -267,6 +272,10 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                     classifier_state if is_self else None)
     path = (cache_dir or out / "cache") / f"proba-{b.name}-{key}.npz"
     cached = _read_cache(path)
+    if cached is None and require_cached:
+        raise ConfigError(f"{path.parent}: no {b.name} probabilities for this config (backend.* "
+                          "differ from the pseudo-label run's); run `raysl pseudo-label` with "
+                          "this --out first")
     if cached is not None:
         logger.info("[pseudo-label] cached %s probabilities found (%s); no refit", b.name, path)
         res_proba, val_proba = cached["proba"], cached["val_proba"]
@@ -345,27 +354,6 @@ def write_pseudo_labels(path: Path, split: Split, sel: Selection, backend: str) 
                       "confidence": sel.conf.astype(np.float64),
                       "backend": [backend] * len(sel.labels), "selected": sel.mask})
     write_with(path, lambda p: pq.write_table(table, p))
-
-
-def read_pseudo_labels(path: Path, split: Split) -> tuple[Selection, str]:
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise ConfigError(f"{path}: no pseudo-labels here; run `raysl pseudo-label` (or "
-                          "`raysl run`) with this --out first")
-    try:
-        t = pq.read_table(path)
-        rows = t.column("row").to_numpy()
-    except (OSError, ValueError, KeyError) as e:  # pyarrow's errors derive from these
-        raise ConfigError(f"{path}: corrupt or incomplete ({str(e).splitlines()[0][:100]}); "
-                          "run `raysl pseudo-label` (or `raysl run`) with this --out again"
-                          ) from None
-    if not np.array_equal(rows, split.idx_u):
-        raise ConfigError(f"{path}: made from a different data split than this config's "
-                          "(data.* keys differ); re-run `raysl pseudo-label`")
-    sel = Selection(t.column("selected").to_numpy(), t.column("label").to_numpy(),
-                    t.column("confidence").to_numpy())
-    return sel, str(t.column("backend")[0]) if len(t) else ""
 
 
 def joint(split: Split, cfg: Config, out: Path, sel: Selection, stage: str = "joint",
@@ -492,18 +480,30 @@ def final_choice(base: dict[str, Any] | None, last: dict[str, Any],
     return {**pick, "reason": f"validation accuracy {_pct(j)} >= the baseline's {_pct(b)}"}
 
 
+STAGE_CHOICES = ("all", "pseudo-label", "train")
+
+
 def run(cfg: Config, out: str | Path, stages: str = "all",
         split: Split | None = None) -> dict[str, Any]:
-    """Run the pipeline (``stages``: "all", "pseudo-label" or "train") into ``out``.
+    """Run the pipeline into ``out``: ``stages`` "all", "pseudo-label" (baseline, backends,
+    selection) or "train" (selection with this config's ``select.*`` from the finished
+    pseudo-label stage's cached probabilities, then joint training).
 
-    Validates everything first, then (``cfg.ray.enabled``) joins or starts Ray, and stops it if
-    it started it. Progress goes to ``logging.getLogger("raysl")``. Returns the metrics also
-    written to ``out/metrics.json``."""
+    Validates everything first (for "train": that the upstream stages in ``out`` were made
+    from this data and config) and only then writes ``out/config.yaml``; then, when
+    ``cfg.ray.enabled``, joins or starts Ray (and stops it if it started it). Progress goes to
+    ``logging.getLogger("raysl")``. Returns the metrics also written to
+    ``out/metrics.json``."""
+    if stages not in STAGE_CHOICES:
+        raise ConfigError(f"stages={stages!r}: must be one of {', '.join(STAGE_CHOICES)}")
     t0 = time.perf_counter()
     split = split if split is not None else check(cfg)
     out = Path(out)
     check_out(out)
-    write_text(out / "config.yaml", dump_yaml(cfg))
+    upstream: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+    if stages == "train":  # cache hits only: no Ray needed, and a mismatch refuses here
+        upstream = _finished_upstream(split, cfg, out)
+    write_text(out / "config.yaml", dump_yaml(cfg))  # what this run does
     logger.info("raysl: %s: %d labeled, %d unlabeled, %d validation, %d test rows; output in "
                 "%s", cfg.data.dataset, len(split.y_l), len(split.x_u), len(split.y_val),
                 len(split.y_test), out)
@@ -518,57 +518,16 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
             "n_unlabeled": len(split.x_u), "n_val": len(split.y_val),
             "n_test": len(split.y_test), "split_key": split.key,
             "standardized": split.standardizer is not None}}
-        pq_path = out / "pseudo_labels.parquet"
-        base: dict[str, Any] | None = None
-        no_pool = len(split.x_u) == 0
-        if no_pool:
-            logger.warning("no unlabeled rows: the model is the supervised baseline")
-        if stages in ("all", "pseudo-label") and no_pool:
-            base = baseline(split, cfg, out)
-            sel = Selection(np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0))
-            metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u),
-                                        "backend": None}
-            write_pseudo_labels(pq_path, split, sel, "")
-        elif stages in ("all", "pseudo-label"):
-            base = baseline(split, cfg, out)
-            classifier = load_state(out / "baseline" / "model.pt")
-            pl = pseudo_label(split, cfg, out, classifier)
-            sel, plm, metrics["guard"] = choose_pseudo_labels(split, cfg, pl,
-                                                              base["val_accuracy"])
-            metrics["pseudo_labels"] = plm
-            if "ranked" in pl:
-                metrics["auto"] = {r["backend"]: {"val_accuracy": r["val_accuracy"],
-                                                  "val_ece": r["val_ece"]} for r in pl["ranked"]}
-            write_pseudo_labels(pq_path, split, sel, plm["backend"])
-        else:
-            sel, name = read_pseudo_labels(pq_path, split)
-            metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u), "backend": name}
-            base = verified_record(out / "baseline")
-        if base is not None:
-            metrics["baseline"] = {k: base.get(k) for k in (
-                "test_accuracy", "val_accuracy", "val_ece", "seconds", "nodes", "cached")}
-        if stages in ("all", "train") and no_pool and base is not None:
-            metrics["final"] = {"model": "baseline", "test_accuracy": base["test_accuracy"],
-                                "val_accuracy": base["val_accuracy"],
-                                "reason": "no unlabeled rows"}
-            _install_final(out, "baseline")
-        elif stages in ("all", "train"):
-            j = joint(split, cfg, out, sel)
-            metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds",
-                                                  "epochs", "resumed_from_epoch", "nodes",
-                                                  "cached")}
-            last, rounds = relabel_rounds(split, cfg, out)
-            last_rec = metrics["joint"]
-            if rounds:
-                metrics["relabel"] = rounds
-                metrics["joint"].update({k: rounds[-1][k] for k in ("test_accuracy",
-                                                                     "val_accuracy")})
-                metrics["joint"]["first_round_test_accuracy"] = j["test_accuracy"]
-            final = final_choice(base, last_rec, last)
-            metrics["final"] = final
-            if final["model"] == "baseline":
-                logger.warning("the final model is the baseline: %s", final["reason"])
-            _install_final(out, "baseline" if final["model"] == "baseline" else last)
+        base, pl = upstream if upstream is not None else (baseline(split, cfg, out), None)
+        if pl is None and len(split.x_u):
+            pl = pseudo_label(split, cfg, out, load_state(out / "baseline" / "model.pt"))
+        metrics["baseline"] = {k: base.get(k) for k in (
+            "test_accuracy", "val_accuracy", "val_ece", "seconds", "nodes", "cached")}
+        sel = _select_and_record(split, cfg, pl, base, metrics)
+        write_pseudo_labels(out / "pseudo_labels.parquet", split, sel,
+                            metrics["pseudo_labels"]["backend"] or "")
+        if stages != "pseudo-label":
+            _joint_and_final(split, cfg, out, sel, base, metrics)
     finally:
         if started:
             import ray
@@ -578,6 +537,59 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
     write_json(out / "metrics.json", json_safe(metrics))
     logger.info("%s", summary(metrics, out))
     return metrics
+
+
+def _finished_upstream(split: Split, cfg: Config, out: Path
+                       ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The baseline record and backend probabilities a `raysl train` reuses, or ConfigError
+    when ``out`` holds none made from this data and config."""
+    base = verified_record(out / "baseline", baseline_key(split, cfg))
+    if base is None:
+        raise ConfigError(f"--out {str(out)!r}: no finished baseline for this config (data.* or "
+                          "train.* differ from the pseudo-label run's, or it did not run); run "
+                          "`raysl pseudo-label` (or `raysl run`) with this --out first")
+    base["cached"] = True
+    if not len(split.x_u):
+        return base, None
+    state = load_state(out / "baseline" / "model.pt")
+    return base, pseudo_label(split, cfg, out, state, use_ray=False, require_cached=True)
+
+
+def _select_and_record(split: Split, cfg: Config, pl: dict[str, Any] | None,
+                       base: dict[str, Any], metrics: dict[str, Any]) -> Selection:
+    if pl is None:  # no unlabeled rows
+        logger.warning("no unlabeled rows: the model is the supervised baseline")
+        sel = Selection(np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0))
+        metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u), "backend": None}
+        return sel
+    sel, plm, metrics["guard"] = choose_pseudo_labels(split, cfg, pl, base["val_accuracy"])
+    metrics["pseudo_labels"] = plm
+    if "ranked" in pl:
+        metrics["auto"] = {r["backend"]: {"val_accuracy": r["val_accuracy"],
+                                          "val_ece": r["val_ece"]} for r in pl["ranked"]}
+    return sel
+
+
+def _joint_and_final(split: Split, cfg: Config, out: Path, sel: Selection,
+                     base: dict[str, Any], metrics: dict[str, Any]) -> None:
+    if not len(split.x_u):
+        metrics["final"] = {"model": "baseline", "test_accuracy": base["test_accuracy"],
+                            "val_accuracy": base["val_accuracy"], "reason": "no unlabeled rows"}
+        _install_final(out, "baseline")
+        return
+    j = joint(split, cfg, out, sel)
+    metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds", "epochs",
+                                          "resumed_from_epoch", "nodes", "cached")}
+    last, rounds = relabel_rounds(split, cfg, out)
+    if rounds:
+        metrics["relabel"] = rounds
+        metrics["joint"].update({k: rounds[-1][k] for k in ("test_accuracy", "val_accuracy")})
+        metrics["joint"]["first_round_test_accuracy"] = j["test_accuracy"]
+    final = final_choice(base, metrics["joint"], last)
+    metrics["final"] = final
+    if final["model"] == "baseline":
+        logger.warning("the final model is the baseline: %s", final["reason"])
+    _install_final(out, "baseline" if final["model"] == "baseline" else last)
 
 
 def _install_final(out: Path, stage: str) -> None:

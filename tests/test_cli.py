@@ -65,3 +65,37 @@ def test_the_command_leaves_the_raysl_logger_as_it_found_it(tmp_path: Path) -> N
     before = (list(logger.handlers), logger.level, logger.propagate)
     assert main(["run", "--out", str(tmp_path), "--set", "select.threshold=7"]) == 2
     assert (list(logger.handlers), logger.level, logger.propagate) == before
+
+
+def _wine_npz(tmp_path: Path) -> str:
+    from sklearn.datasets import load_wine
+
+    x, y = load_wine(return_X_y=True)
+    np.savez(tmp_path / "wine.npz", x=x, y=y)
+    return str(tmp_path / "wine.npz")
+
+
+def test_train_honours_select_and_keeps_the_run_config(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    out = tmp_path / "run"
+    fast = ["--set", "ray.enabled=false", "--set", "train.epochs=2", "--set",
+            "train.min_steps=20", "--set", "train.hidden=16", "--set", "backend.name=gmm",
+            "--set", "backend.gmm.pca_dim=4", "--set", f"data.dataset={_wine_npz(tmp_path)}"]
+    assert main(["pseudo-label", "--out", str(out), *fast]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    # only the threshold is given: everything else comes from the run's config.yaml
+    assert main(["train", "--out", str(out), "--set", "select.threshold=0.5"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["select"]["threshold"] == 0.5 and saved["train"]["epochs"] == 2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pseudo_labels"]["threshold"] == 0.5  # re-selected at 0.5, not the 0.95 rows
+    assert m["pseudo_labels"]["n_selected"] >= first["pseudo_labels"]["n_selected"]
+    assert m["baseline"]["test_accuracy"] == first["baseline"]["test_accuracy"]
+    assert m["pseudo_labels"]["cached"] is True  # no refit
+    # a train that does not match the run is refused and leaves config.yaml as it was
+    before = (out / "config.yaml").read_text()
+    assert main(["train", "--out", str(out), "--set", "data.seed=3"]) == 2
+    assert (out / "config.yaml").read_text() == before

@@ -13,7 +13,6 @@ import pytest
 
 from raysl import pipeline
 from raysl.config import Config, apply_overrides
-from raysl.errors import ConfigError
 
 FAST = {"ray.enabled": False, "train.epochs": 2, "train.min_steps": 40, "train.hidden": 32,
         "backend.name": "gmm", "backend.gmm.max_iter": 5, "backend.gmm.pca_dim": 4}
@@ -87,10 +86,15 @@ def test_a_truncated_output_is_redone_with_the_same_result(
     assert sha256_file(out / "model.pt") == record["files"]["model.pt"]
 
 
-def test_train_stage_refuses_a_corrupt_pseudo_label_file(clean: tuple[Path, dict], wine: str,
-                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize("stages", ["all", "train"])
+def test_a_truncated_pseudo_label_file_is_written_again(stages: str, clean: tuple[Path, dict],
+                                                        wine: str, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
     out = tmp_path / "run"
     shutil.copytree(clean[0], out)
     _truncate(out / "pseudo_labels.parquet")
-    with pytest.raises(ConfigError, match=r"pseudo_labels\.parquet: corrupt or incomplete"):
-        pipeline.run(_cfg(wine), out, stages="train")
+    again = pipeline.run(_cfg(wine), out, stages=stages)
+    assert _figures(again) == _figures(clean[1])
+    assert pq.read_table(out / "pseudo_labels.parquet").num_rows == len(
+        pq.read_table(clean[0] / "pseudo_labels.parquet"))
