@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -62,17 +62,38 @@ def stage_name(stage: str, cfg: Config) -> str:
     return stage
 
 
+def is_resource_key(key: str) -> bool:
+    """True for a dotted key of :data:`RESOURCE_KEYS` (where/how fast, in no stage)."""
+    return _matches(key, RESOURCE_KEYS)
+
+
+def _variants(stage: str, cfg: Config) -> list[Config]:
+    """``backend.name=auto`` fits each of ``raysl.backends.AUTO_BACKENDS``: its backend stage
+    depends on what each of theirs does (the pipeline keys each candidate's cache by its own
+    name, so this only matters to planning, e.g. Tune's prefits)."""
+    if stage == "backend" and cfg.backend.name == "auto":
+        from raysl.backends import AUTO_BACKENDS  # lazy: the registry imports torch
+
+        return [replace(cfg, backend=replace(cfg.backend, name=n)) for n in AUTO_BACKENDS]
+    return [cfg]
+
+
 def depends_on(stage: str, cfg: Config) -> list[str]:
     """The dotted config keys ``stage``'s own result depends on (upstream stages' not
     included), e.g. ``depends_on("backend", cfg)`` with gmm: ``data.*``, ``backend.gmm.*``..."""
-    s = STAGES[stage_name(stage, cfg)]
-    keys = [k.replace("{backend}", cfg.backend.name) for k in s.keys]
-    return [k for k in valid_keys() if _matches(k, keys)
-            and not _matches(k, s.unless) and not _matches(k, RESOURCE_KEYS)]
+    keys: set[str] = set()
+    for c in _variants(stage, cfg):
+        s = STAGES[stage_name(stage, c)]
+        pats = [k.replace("{backend}", c.backend.name) for k in s.keys]
+        keys |= {k for k in valid_keys() if _matches(k, pats) and not _matches(k, s.unless)}
+    return [k for k in valid_keys() if k in keys and not is_resource_key(k)]
 
 
 def upstream(stage: str, cfg: Config) -> tuple[str, ...]:
-    return STAGES[stage_name(stage, cfg)].upstream
+    ups: list[str] = []
+    for c in _variants(stage, cfg):
+        ups += [u for u in STAGES[stage_name(stage, c)].upstream if u not in ups]
+    return tuple(ups)
 
 
 def closure(stage: str, cfg: Config) -> list[str]:

@@ -4,6 +4,7 @@ session's Ray: backend fits are shared, the best config replays, a killed search
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ from raysl.backends import BACKENDS
 from raysl.cli import main
 from raysl.config import Config, apply_overrides, dump_yaml, load_config
 from raysl.errors import ConfigError
-from raysl.report import (
+from raysl.tuning import (
     ReportInputs,
     TrialRecord,
     best,
@@ -72,6 +73,20 @@ def test_default_space_uses_the_backend_registry() -> None:
     assert default_space(["a"])["space"]["backend.name"] == {"grid": ["a"]}
 
 
+def test_space_given_as_a_dict_or_its_shorthand() -> None:
+    as_file = load_space(JOB_CONFIGS / "tune-space-grid.yaml", Config(), tuple(BACKENDS))
+    as_dict = load_space(yaml.safe_load((JOB_CONFIGS / "tune-space-grid.yaml").read_text()),
+                         Config(), tuple(BACKENDS))
+    assert as_dict == as_file
+    # config keys alone are the space of a grid search; a bare list is a grid
+    short = load_space({"select.threshold": [0.8, 0.9], "train.epochs": 3}, Config())
+    full = load_space({"space": {"select.threshold": {"grid": [0.8, 0.9]}, "train.epochs": 3}},
+                      Config())
+    assert short.params == full.params and short.search == "grid" and short.n_grid == 2
+    with pytest.raises(ConfigError, match="config keys go under 'space:'"):
+        load_space({"search": "grid", "select.threshold": [0.8]}, Config())
+
+
 @pytest.mark.parametrize(("space", "needle"), [
     ({"select.treshold": {"grid": [0.9]}}, "unknown config key 'select.treshold'; valid keys:"),
     ({"select.threshold": {"grid": [0.9, 1.5]}}, "select.threshold=1.5: must be in [0.0, 1.0]"),
@@ -117,13 +132,39 @@ def test_shipped_space_files_parse(path: Path) -> None:
 
 def test_prefit_lists_each_upstream_setting_once() -> None:
     spec = parse_space(EXAMPLE, Config(), tuple(BACKENDS))
-    pre = prefit_overrides(spec)
-    # thresholds never need a fit; ranges can't be listed; grid × choice × fixed can
-    assert pre == [{"backend.name": b, "backend.gmm.pca_dim": d, "train.epochs": 3}
-                   for b in ("gmm", "self") for d in (8, 16)]
+    pre = prefit_overrides(spec, Config())
+    # thresholds never need a fit; ranges can't be listed; grid × choice × fixed can; a
+    # backend.gmm value changes no `self` fit, so self is listed once
+    assert pre == [{"backend.name": "gmm", "backend.gmm.pca_dim": 8, "train.epochs": 3},
+                   {"backend.name": "gmm", "backend.gmm.pca_dim": 16, "train.epochs": 3},
+                   {"backend.name": "self", "backend.gmm.pca_dim": 8, "train.epochs": 3}]
     only_thresholds = parse_space({"space": {"select.threshold": {"grid": [0.5, 0.9]}}},
                                   Config())
-    assert prefit_overrides(only_thresholds) == [{}]
+    assert prefit_overrides(only_thresholds, Config()) == [{}]
+
+
+def _prefit(space: dict, base: Config | None = None) -> list[dict]:
+    base = base or Config()
+    return prefit_overrides(parse_space({"space": space}, base, tuple(BACKENDS)), base)
+
+
+def test_prefit_plans_only_keys_that_change_a_baseline_or_backend_fit() -> None:
+    # keys of the joint stage only: the trials share one baseline and one backend fit
+    assert _prefit({"train.fixmatch_threshold": {"grid": [0.9, 0.95]},
+                    "train.lambda_u": {"grid": [0.5, 1.0]},
+                    "train.offline": {"choice": ["warm", "targets"]},
+                    "select.threshold": {"grid": [0.8, 0.9]}, "backend.name": "gmm"}) \
+        == [{"backend.name": "gmm"}]
+    # resource keys change no fit
+    assert _prefit({"train.cpus_per_worker": {"grid": [0.4, 0.5]},
+                    "train.checkpoint_every": {"grid": [1, 2]}}) == [{}]
+    # the learning rate changes the baseline (one prefit each) ...
+    assert _prefit({"train.lr": {"grid": [0.03, 0.01]}, "backend.name": "gmm"}) \
+        == [{"train.lr": 0.03, "backend.name": "gmm"}, {"train.lr": 0.01, "backend.name": "gmm"}]
+    # ... backend.gmm.* the gmm fit, also when backend.name=auto (which fits gmm), not `self`
+    gmm = {"backend.gmm.pca_dim": {"grid": [8, 16]}}
+    assert len(_prefit(gmm)) == 2  # Config(): backend.name=auto
+    assert _prefit(gmm, apply_overrides(Config(), {"backend.name": "self"})) == [{}]
 
 
 def test_cli_tune_fails_fast_on_a_bad_space(tmp_path: Path,
@@ -138,7 +179,7 @@ def test_cli_tune_fails_fast_on_a_bad_space(tmp_path: Path,
 
 
 def test_a_different_search_in_the_same_out_is_refused(tmp_path: Path) -> None:
-    from raysl.distributed.tune import _check_same_search
+    from raysl.tuning.search import _check_same_search
 
     spec = parse_space({"space": {"select.threshold": {"grid": [0.8, 0.9]}}}, Config())
     assert _check_same_search(tmp_path / "search.json", spec, Config()) is False
@@ -149,6 +190,60 @@ def test_a_different_search_in_the_same_out_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="holds a different search"):
         _check_same_search(tmp_path / "search.json", spec,
                            apply_overrides(Config(), {"train.epochs": 3}))
+
+
+RESOURCES = {"train.cpus_per_worker": 0.25, "train.checkpoint_every": 3, "train.use_gpu": True,
+             "backend.actor_cpus": 0.2, "data.root": "/elsewhere", "ray.num_cpus": 2}
+
+
+def test_resource_keys_neither_block_a_resume_nor_refit(tmp_path: Path) -> None:
+    from raysl.tuning.search import _check_same_search, shared_dir
+
+    spec = parse_space({"space": {"select.threshold": {"grid": [0.8, 0.9]}}}, Config())
+    assert _check_same_search(tmp_path / "search.json", spec, Config()) is False
+    # how fast and where (raysl.stages.RESOURCE_KEYS) may change between a run and its resume
+    moved = apply_overrides(Config(), RESOURCES)
+    assert _check_same_search(tmp_path / "search.json", spec, moved) is True
+    # ... and key no fit: the same baseline dir
+    root = tmp_path / "out"
+    assert shared_dir(root, moved) == shared_dir(root, Config())
+    # the baseline dir is keyed by what the baseline depends on, nothing else
+    for key, value in {"train.lambda_u": 0.5, "train.fixmatch_threshold": 0.9,
+                       "select.threshold": 0.5, "backend.name": "gmm",
+                       "backend.gmm.pca_dim": 8}.items():
+        assert shared_dir(root, apply_overrides(Config(), {key: value})) \
+            == shared_dir(root, Config()), key
+    for key, value in {"train.lr": 0.01, "train.epochs": 3, "data.seed": 1}.items():
+        assert shared_dir(root, apply_overrides(Config(), {key: value})) \
+            != shared_dir(root, Config()), key
+
+
+def test_tune_console_setting_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from raysl.tuning.search import quiet_tune_console
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    with quiet_tune_console():
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # while Tuner.fit() runs
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # the user's choice stands
+    with quiet_tune_console():
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+
+
+def test_trial_log_gets_raysl_records_only_while_the_trial_runs(tmp_path: Path) -> None:
+    from raysl.tuning.search import trial_log
+
+    log = logging.getLogger("raysl")
+    level, handlers = log.level, list(log.handlers)
+    with trial_log(tmp_path / "t" / "log.txt"):
+        log.info("[joint] training: inside")
+        logging.getLogger("raysl.something").warning("a child's warning")
+    log.warning("after the trial")
+    text = (tmp_path / "t" / "log.txt").read_text()
+    assert "[joint] training: inside" in text and "a child's warning" in text
+    assert "after the trial" not in text
+    assert log.level == level and log.handlers == handlers
 
 
 # -- ranking and the report (no Ray) --------------------------------------------------------
@@ -193,6 +288,27 @@ def test_report_writes_table_plots_best_and_links(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_report_plots_leave_matplotlib_state_alone(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import matplotlib
+
+    backend = matplotlib.rcParams._get_backend_or_none()
+
+    def no_switch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("matplotlib.use called by a library function")
+
+    monkeypatch.setattr(matplotlib, "use", no_switch)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # importing pyplot fails
+    recs = [_rec("t0", 0.8, 0.7, "gmm", 0.8), _rec("t1", 0.9, 0.8, "self", 0.95)]
+    spec = parse_space(default_space(["gmm", "self"]), Config())
+    write_report(tmp_path, recs, ReportInputs(spec, Config(), None, "", 1.0))
+    assert (tmp_path / "plots" / "accuracy_vs_threshold.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "precision_coverage_vs_threshold.png").stat().st_size > 0
+    assert matplotlib.rcParams._get_backend_or_none() == backend
+
+
 # -- real searches on Ray -------------------------------------------------------------------
 
 def _tiny(extra: dict | None = None) -> Config:
@@ -211,14 +327,36 @@ def _space(tmp: Path, thresholds: list[float], backends: list[str], concurrency:
     return p
 
 
+class _Lines(logging.Handler):
+    """The "raysl" logger's messages (INFO and up) while the block runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        log = logging.getLogger("raysl")
+        self._level = log.level
+        log.setLevel(logging.INFO)
+        log.addHandler(self)
+        return self.lines
+
+    def __exit__(self, *exc: object) -> None:
+        log = logging.getLogger("raysl")
+        log.removeHandler(self)
+        log.setLevel(self._level)
+
+
 @pytest.fixture(scope="module")
 def searched(ray_session, tmp_path_factory):
-    from raysl.distributed.tune import tune
+    from raysl.tuning import tune
 
     tmp = tmp_path_factory.mktemp("tune")
-    lines: list[str] = []
-    outcome = tune(_tiny(), _space(tmp, [0.5, 0.95], ["gmm", "self"], 2), tmp / "out",
-                   log=lines.append)
+    with _Lines() as lines:
+        outcome = tune(_tiny(), _space(tmp, [0.5, 0.95], ["gmm", "self"], 2), tmp / "out")
     return outcome, lines
 
 
@@ -227,8 +365,11 @@ def test_thresholds_times_backends_cost_one_fit_per_backend(searched) -> None:
     outcome, lines = searched
     out = outcome.out
     assert len(outcome.records) == 4 and all(r.complete for r in outcome.records)
-    # one fit per backend, by the driver, before the trials ...
+    # one fit per backend, by the driver, before the trials, into the one shared cache ...
     assert outcome.backend_fits == 2
+    assert sorted(p.name.split("-")[1] for p in out.glob("shared/cache/proba-*.npz")) \
+        == ["gmm", "self"]
+    # (one baseline: its dir links both fits, for replays)
     assert sorted(p.name.split("-")[1] for p in out.glob("shared/*/cache/proba-*.npz")) \
         == ["gmm", "self"]
     # ... and every trial read the cache instead of fitting
@@ -255,7 +396,7 @@ def test_best_config_replays_to_the_same_result(searched) -> None:
                                               for r in outcome.records)
     cfg = load_config(outcome.out / "best.yaml")
     assert cfg == outcome.best_config
-    m = pipeline.run(cfg, outcome.replay_out, log=lambda s: None)
+    m = pipeline.run(cfg, outcome.replay_out)
     assert m["baseline"]["cached"] and m["pseudo_labels"]["cached"]  # the trial's own inputs
     assert m["joint"]["cached"] is False  # the joint model was trained again ...
     # ... to the same result (CPU training is deterministic)
@@ -268,7 +409,7 @@ def test_best_config_replays_to_the_same_result(searched) -> None:
 def test_killed_search_resumes_when_run_again(ray_session, tmp_path: Path) -> None:
     import ray
 
-    from raysl.distributed.tune import tune
+    from raysl.tuning import tune
 
     out = tmp_path / "out"
     # the subprocess joins this session's Ray (no second Ray on 2 cores); concurrency 1 makes
@@ -298,7 +439,7 @@ def test_killed_search_resumes_when_run_again(ray_session, tmp_path: Path) -> No
     before = sorted(p.name for p in out.glob("trials/*"))
     assert not (out / "report.md").exists()
 
-    outcome = tune(cfg, space, out, log=lambda s: None)
+    outcome = tune(cfg, space, out)
     assert outcome.resumed  # Tuner.restore, not a new search
     assert sorted(r.trial_id for r in outcome.records) == sorted(
         p.name for p in out.glob("trials/*"))
@@ -314,3 +455,37 @@ def test_killed_search_resumes_when_run_again(ray_session, tmp_path: Path) -> No
     assert other.metrics["epochs"] == 6
     assert outcome.backend_fits == 0  # the gmm fit was cached by the killed run
     assert (out / "best.yaml").is_file() and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.ray
+def test_a_learning_rate_grid_shares_one_backend_fit(
+        ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from raysl.tuning import tune
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    # cheap: the search runs on Tune, but ray.enabled=false trains the classifiers in the
+    # driver and the trials' processes (no Ray Train start-up); the space given as a dict
+    space = {"search": "grid", "max_concurrent_trials": 2, "space": {
+        "train.lr": {"grid": [0.03, 0.01]}, "backend.name": "gmm", "select.threshold": 0.9}}
+    outcome = tune(_tiny({"ray.enabled": False}), space, tmp_path / "out")
+    out = outcome.out
+    assert len(outcome.records) == 2 and all(r.complete for r in outcome.records)
+    # the learning rate changes the baseline (two), not the gmm fit (one, shared)
+    assert outcome.backend_fits == 1
+    fits = list(out.glob("shared/cache/proba-gmm-*.npz"))
+    assert len(fits) == 1
+    assert all(r.metrics["backend_cached"] is True for r in outcome.records)
+    baselines = sorted(p.parent.parent for p in out.glob("shared/*/baseline/result.json"))
+    assert len(baselines) == 2 and outcome.replay_out in baselines
+    # each baseline dir links the fit, for a replay of best.yaml in it
+    for d in baselines:
+        (link,) = d.glob("cache/proba-gmm-*.npz")
+        assert link.name == fits[0].name and link.read_bytes() == fits[0].read_bytes()
+    # each trial's log has its own progress, the pipeline's records included
+    for r in outcome.records:
+        text = (out / "trials" / r.trial_id / "log.txt").read_text()
+        assert "attempt started" in text and "[joint] training" in text
+    # Tune printed nothing; the setting that quiets it did not outlive the call
+    assert "View detailed results" not in capsys.readouterr().out
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
