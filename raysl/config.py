@@ -25,7 +25,9 @@ class DataConfig:
     dataset: str = "digits"  # a name in raysl.data.DATASETS, or a path to .npz / .parquet
     root: str = "~/.cache/raysl/data"  # torchvision datasets and MNIST-format idx files
     download: bool = False  # only torchvision datasets, only on a networked machine
-    labels_per_class: int = 5
+    # N > 0: N labeled rows per class, the rest hidden in the unlabeled pool (benchmarks);
+    # 0: every label of data that has unlabeled (-1) rows, 5 per class of fully labeled data
+    labels_per_class: int = 0
     val_per_class: int = 5  # a small labeled validation split (Oliver et al. 2018)
     test_fraction: float = 0.2  # held out when the dataset has no official test split
     n_shards: int = 2  # unlabeled shards, one Ray actor each
@@ -163,7 +165,7 @@ class Config:
 # numbers is a closed interval (None leaves that side open). Dataset and backend names are
 # checked where their registries live (raysl.data, raysl.backends).
 LIMITS: dict[str, tuple[Any, ...]] = {
-    "data.labels_per_class": (1, None),
+    "data.labels_per_class": (0, None),
     "data.val_per_class": (0, None),
     "data.test_fraction": (0.05, 0.9),
     "data.n_shards": (1, None),

@@ -414,34 +414,62 @@ def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
+# data.labels_per_class=0 on fully labeled (benchmark) data: this many per class
+BENCHMARK_LABELS_PER_CLASS = 5
+
+
+def user_allocation(n: int, own_test: bool, cfg: DataConfig) -> tuple[int, int, int]:
+    """(test, validation, labeled) rows of a class with ``n`` labeled rows in a user's data
+    (it has unlabeled rows and ``data.labels_per_class=0``): every label is used, held-out
+    splits only as far as they leave most rows to train on. A test share only when it leaves at
+    least 3 rows; validation at most a third of the rest; 1 or 2 labels train alone."""
+    n_test = round(n * cfg.test_fraction) if own_test else 0
+    if n_test < 1 or n - n_test < 3:
+        n_test = 0
+    rest = n - n_test
+    n_val = min(cfg.val_per_class, rest // 3)
+    return n_test, n_val, rest - n_val
+
+
 def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     """Deterministic split: the same dataset and ``(labels_per_class, val_per_class,
     test_fraction, seed)`` always give the same rows.
 
     Per class, labeled rows (y >= 0) are shuffled; without an official test split a stratified
-    ``test_fraction`` is held out first; then ``val_per_class`` rows go to validation,
-    ``labels_per_class`` to the labeled set, and the rest join the unlabeled pool with their
-    true labels kept for evaluation. Rows with y = -1 are always unlabeled.
+    ``test_fraction`` is held out first; then ``val_per_class`` rows go to validation and the
+    rest to the labeled set. ``labels_per_class`` N > 0 keeps N there and hides the rest in the
+    unlabeled pool with their true labels kept for evaluation (benchmarks); 0 uses every label
+    of data that has unlabeled rows (:func:`user_allocation`: it works down to one label per
+    class, with no test or validation rows where they would eat the labels) and
+    :data:`BENCHMARK_LABELS_PER_CLASS` per class of fully labeled data. Rows with y = -1 are
+    always unlabeled.
     """
     rng = np.random.default_rng(cfg.seed)
     own_test = ds.x_test is None
+    user = cfg.labels_per_class == 0 and bool((ds.y == -1).any())
+    per_class = cfg.labels_per_class or BENCHMARK_LABELS_PER_CLASS
     test_idx: list[np.ndarray] = []
     val_idx: list[np.ndarray] = []
     lab_idx: list[np.ndarray] = []
     rest_idx: list[np.ndarray] = [np.where(ds.y == -1)[0]]
     for c in range(ds.n_classes):
         rows = rng.permutation(np.where(ds.y == c)[0])
-        n_test = round(len(rows) * cfg.test_fraction) if own_test else 0
-        need = n_test + cfg.val_per_class + cfg.labels_per_class
-        if len(rows) < need:
+        if user:
+            n_test, n_val, n_lab = user_allocation(len(rows), own_test, cfg)
+        else:
+            n_test = round(len(rows) * cfg.test_fraction) if own_test else 0
+            n_val, n_lab = cfg.val_per_class, per_class
+        need = n_test + n_val + n_lab
+        if len(rows) < need or n_lab < 1:
             raise DataError(
                 f"data.labels_per_class={cfg.labels_per_class}: class {c} has {len(rows)} "
-                f"labeled rows, fewer than test ({n_test}) + val ({cfg.val_per_class}) + "
-                f"labeled ({cfg.labels_per_class}) = {need}"
+                f"labeled rows, fewer than test ({n_test}) + val ({n_val}) + "
+                f"labeled ({n_lab}) = {need}"
+                + ("; 0 uses every label of data with unlabeled (-1) rows" if not user else "")
             )
         test_idx.append(rows[:n_test])
-        val_idx.append(rows[n_test : n_test + cfg.val_per_class])
-        lab_idx.append(rows[n_test + cfg.val_per_class : need])
+        val_idx.append(rows[n_test : n_test + n_val])
+        lab_idx.append(rows[n_test + n_val : need])
         rest_idx.append(rows[need:])
     idx_l = np.sort(np.concatenate(lab_idx))
     idx_u = rng.permutation(np.concatenate(rest_idx))  # shuffled so shards are class-balanced
@@ -452,7 +480,7 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     else:
         assert ds.x_test is not None and ds.y_test is not None
         x_test, y_test = ds.x_test, ds.y_test
-    if len(x_test) == 0:
+    if len(x_test) == 0 and not user:
         raise DataError(f"data.test_fraction={cfg.test_fraction}: the test split is empty")
     if len(idx_u) < cfg.n_shards:
         raise DataError(f"data.n_shards={cfg.n_shards}: more shards than unlabeled rows "

@@ -298,7 +298,9 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
         # The fitted backend predicts the validation rows on the driver (they are few).
         labeler = factory(b, ctx)
         labeler.load_state_dict(res.state)
-        res_proba, val_proba = res.proba, labeler.predict_proba(split.x_val)
+        res_proba = res.proba
+        val_proba = (labeler.predict_proba(split.x_val) if len(split.x_val)
+                     else np.zeros((0, split.n_classes)))
         if b.calibrate and len(split.y_val):
             # Temperature scaling on the validation split: the argmax labels don't change,
             # the confidences do.
@@ -472,6 +474,9 @@ def final_choice(base: dict[str, Any] | None, last: dict[str, Any],
     if base is None:
         return {**pick, "reason": "no baseline result in this output directory"}
     b, j = _nan_low(base["val_accuracy"]), _nan_low(last["val_accuracy"])
+    if b < 0 or j < 0:
+        return {**pick, "reason": "no validation rows to compare on (too few labels): the "
+                                  "joint model is kept"}
     if b > j:
         return {"model": "baseline", "test_accuracy": base["test_accuracy"],
                 "val_accuracy": base["val_accuracy"],
@@ -517,6 +522,7 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
             "dataset": cfg.data.dataset, "n_labeled": len(split.y_l),
             "n_unlabeled": len(split.x_u), "n_val": len(split.y_val),
             "n_test": len(split.y_test), "split_key": split.key,
+            "n_hidden_labels": int((split.y_u >= 0).sum()),  # what pool figures are against
             "standardized": split.standardizer is not None}}
         base, pl = upstream if upstream is not None else (baseline(split, cfg, out), None)
         if pl is None and len(split.x_u):
@@ -620,41 +626,63 @@ def _pct(x: Any) -> str:
         else f"{100 * x:.1f}%"
 
 
+def _n(x: Any, what: str) -> str:
+    return f" ({x} {what})" if x is not None else ""
+
+
 def summary(m: dict[str, Any], out: Path) -> str:
-    """A readable table of a run's metrics."""
+    """A readable table of a run's metrics; each figure says on how many rows it was measured,
+    and figures against hidden labels appear only when there are some."""
+    d = m.get("data", {})
+    n_test, n_val, n_hidden = d.get("n_test"), d.get("n_val"), d.get("n_hidden_labels")
+    test = _n(n_test, "rows")
     rows: list[tuple[str, str, str]] = []
+
+    def add(stage: str, metric: str, value: Any, rows_note: str = "") -> None:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return  # nothing measured (e.g. no test rows, no hidden labels)
+        rows.append((stage, metric, (_pct(value) if isinstance(value, float) else str(value))
+                     + rows_note))
+
     if "baseline" in m:
-        rows.append(("baseline (labeled only)", "test accuracy",
-                     _pct(m["baseline"]["test_accuracy"])))
-    if "baseline" in m and m["baseline"].get("val_accuracy") is not None:
-        rows.append(("", "validation accuracy", _pct(m["baseline"]["val_accuracy"])))
+        add("baseline (labeled only)", "test accuracy", m["baseline"]["test_accuracy"], test)
+        add("baseline (labeled only)" if not rows else "", "validation accuracy",
+            m["baseline"].get("val_accuracy"), _n(n_val, "rows"))
     if "pseudo_labels" in m:
         p = m["pseudo_labels"]
-        rows.append((f"pseudo-labels ({p.get('backend', '?')})", "argmax accuracy",
-                     _pct(p.get("argmax_accuracy"))))
-        if "val_accuracy" in p:
-            rows.append(("", "validation accuracy", _pct(p["val_accuracy"])))
+        name = f"pseudo-labels ({p.get('backend') or 'none'})"
+        first = len(rows)
+        hidden = _n(n_hidden, "hidden labels")
+        add(name, "argmax accuracy", p.get("argmax_accuracy"), hidden)
+        add(name if len(rows) == first else "", "validation accuracy", p.get("val_accuracy"),
+            _n(n_val, "rows"))
         crit = (f"conf > {p['threshold']}" if p.get("criterion") == "threshold"
                 else p.get("criterion", "selected"))
-        rows.append(("", f"coverage ({crit})", f"{_pct(p['coverage'])} ({p['n_selected']} rows)"))
-        rows.append(("", "precision of kept", _pct(p["precision"])))
-        if p.get("ece") is not None:
-            rows.append(("", "calibration error (ECE)", f"{p['ece']:.3f}"))
+        rows.append((name if len(rows) == first else "", f"coverage ({crit})",
+                     f"{_pct(p['coverage'])} ({p['n_selected']} rows)"))
+        add("", "precision of kept", p.get("precision"), hidden)
+        ece = p.get("ece")
+        if ece is not None and math.isfinite(ece):
+            rows.append(("", "calibration error (ECE)", f"{ece:.3f}{hidden}"))
         if m.get("guard", {}).get("tripped"):
             rows.append(("", "guard", "tripped: not used (see metrics.json guard)"))
     if "joint" in m:
-        first = m["joint"].get("first_round_test_accuracy", m["joint"]["test_accuracy"])
-        rows.append(("joint (labeled + pseudo)", "test accuracy", _pct(first)))
+        first_acc = m["joint"].get("first_round_test_accuracy", m["joint"]["test_accuracy"])
+        add("joint (labeled + pseudo)", "test accuracy", first_acc, test)
     for r in m.get("relabel", []):
-        rows.append((f"re-label round {r['round']} (self)", "test accuracy",
-                     _pct(r["test_accuracy"])))
+        add(f"re-label round {r['round']} (self)", "test accuracy", r["test_accuracy"], test)
     if "final" in m:
         f = m["final"]
-        rows.append((f"final model ({f['model']})", "test accuracy", _pct(f["test_accuracy"])))
-        rows.append(("", "chosen because", f["reason"]))
+        first = len(rows)
+        add(f"final model ({f['model']})", "test accuracy", f["test_accuracy"], test)
+        rows.append((f"final model ({f['model']})" if len(rows) == first else "",
+                     "chosen because", f["reason"]))
     w = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
     lines = ["", f"{'stage':<{w[0]}}  {'metric':<{w[1]}}  value", "-" * (sum(w) + 10)]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
+    if n_test == 0:
+        lines.append("no test rows were held out (too few labels per class), so no test "
+                     "accuracy" + ("; nor validation rows" if not n_val else ""))
     lines += [f"wall time {m['wall_seconds']:.0f}s; outputs in {out}/ (metrics.json, "
               "pseudo_labels.parquet, model.pt)", ""]
     return "\n".join(lines)

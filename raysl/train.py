@@ -235,8 +235,9 @@ def predict_proba(model: nn.Module, x: np.ndarray, device: torch.device | str = 
                   batch_size: int = 1024) -> np.ndarray:
     """Softmax probabilities (n, C) for rows ``x`` (n, ...)."""
     model.eval()
+    # an empty x still gives (0, C): one forward pass on no rows
     out = [torch.softmax(model(torch.tensor(x[i:i + batch_size], device=device)), 1).cpu()
-           for i in range(0, len(x), batch_size)]
+           for i in range(0, max(len(x), 1), batch_size)]
     return torch.cat(out).numpy().astype(np.float64)
 
 

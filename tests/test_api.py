@@ -135,3 +135,36 @@ def test_readme_layout_matches_the_tree() -> None:
 
 def test_all_and_the_lazy_exports_agree() -> None:
     assert set(raysl.__all__) == {*raysl._EXPORTS, "__version__"}
+
+
+@pytest.mark.parametrize("per_class", [1, 2])
+def test_one_or_two_labels_per_class_run_and_say_what_was_measured(
+        per_class: int, tmp_path: Path) -> None:
+    from sklearn.datasets import load_wine
+
+    from raysl.pipeline import summary
+
+    x, y = load_wine(return_X_y=True)
+    rng = np.random.default_rng(0)
+    partial = np.full(len(y), -1)
+    for c in range(3):
+        partial[rng.choice(np.where(y == c)[0], per_class, replace=False)] = c
+    r = raysl.run(data=(x, partial), out=tmp_path, **FAST)
+    d = r.metrics["data"]
+    assert (d["n_labeled"], d["n_val"], d["n_test"], d["n_hidden_labels"]) == (
+        3 * per_class, 0, 0, 0)
+    assert (r.predict(x) == y).mean() > 0.5  # the unlabeled rows helped a 3-6 label model
+    text = summary(r.metrics, tmp_path)
+    assert "precision" not in text and "argmax accuracy" not in text  # no hidden labels
+    assert "no test rows were held out" in text
+    assert "no validation rows to compare on" in r.metrics["final"]["reason"]
+
+
+def test_summary_says_on_how_many_rows_each_figure_stands(tmp_path: Path) -> None:
+    from raysl.pipeline import summary
+
+    r = raysl.run(data="digits", out=tmp_path, **FAST)
+    text = summary(r.metrics, tmp_path)
+    d = r.metrics["data"]
+    assert f"({d['n_test']} rows)" in text and f"({d['n_val']} rows)" in text
+    assert f"({d['n_hidden_labels']} hidden labels)" in text

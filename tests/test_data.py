@@ -251,3 +251,30 @@ def test_shard_concatenates_back_to_the_input(k: int) -> None:
 def test_shard_bounds_rejects_bad_shard_counts(n: int, k: int) -> None:
     with pytest.raises(DataError, match=rf"data\.n_shards={k}"):
         shard_bounds(n, k)
+
+
+@pytest.mark.parametrize(("labels", "want"), [(1, (0, 0, 1)), (2, (0, 0, 2)), (5, (1, 1, 3)),
+                                               (10, (2, 2, 6)), (40, (8, 5, 27))])
+def test_a_users_labels_are_all_used(labels: int, want: tuple[int, int, int]) -> None:
+    """data.labels_per_class=0 on data with unlabeled rows: every label trains or measures;
+    none is hidden in the pool, and held-out splits never eat the labels of a small class."""
+    rng = np.random.default_rng(0)
+    y = np.full(300, -1)
+    for c in range(3):
+        y[rng.choice(np.where(y == -1)[0], labels, replace=False)] = c
+    ds = Dataset("user", rng.normal(size=(300, 4)).astype(np.float32), y, 3)
+    sp = make_split(ds, DataConfig(labels_per_class=0, n_shards=1))
+    n_test, n_val, n_lab = want
+    assert (len(sp.y_test), len(sp.y_val), len(sp.y_l)) == (3 * n_test, 3 * n_val, 3 * n_lab)
+    assert len(sp.x_u) == (y == -1).sum()
+    assert (sp.y_u == -1).all()  # no label hidden in the pool
+
+
+def test_labels_per_class_zero_on_fully_labeled_data_is_the_benchmark_default(
+        digits: Dataset) -> None:
+    from raysl.data import BENCHMARK_LABELS_PER_CLASS
+
+    auto = make_split(digits, DataConfig(labels_per_class=0))
+    five = make_split(digits, DataConfig(labels_per_class=BENCHMARK_LABELS_PER_CLASS))
+    np.testing.assert_array_equal(auto.idx_l, five.idx_l)
+    np.testing.assert_array_equal(auto.idx_u, five.idx_u)
