@@ -489,3 +489,27 @@ def test_a_learning_rate_grid_shares_one_backend_fit(
     # Tune printed nothing; the setting that quiets it did not outlive the call
     assert "View detailed results" not in capsys.readouterr().out
     assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+
+
+def test_restore_only_unpickles_a_tuner_this_search_wrote(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's restore unpickles tune/tuner.pkl: an --out raysl did not create is refused
+    before Ray starts."""
+    import raysl.distributed.session as session
+    from raysl.tuning import tune
+    from raysl.tuning.search import _check_same_search
+
+    def no_ray(*_: object, **__: object) -> bool:
+        raise AssertionError("Ray was about to start")
+
+    monkeypatch.setattr(session, "ensure_ray", no_ray)
+    raw = {"space": {"select.threshold": {"grid": [0.8, 0.9]}}}
+    cfg = apply_overrides(Config(), {"train.epochs": 1})
+    _check_same_search(tmp_path / "search.json", parse_space(raw, cfg), cfg)  # same search
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "tuner.pkl").write_bytes(b"\x80\x04 not ours")  # someone else's
+    with pytest.raises(ConfigError, match=r"was not written by a raysl search"):
+        tune(cfg, raw, tmp_path)
+    (tmp_path / "tuner.sha256").write_text("0" * 64 + "\n")  # a record that doesn't match
+    with pytest.raises(ConfigError, match=r"refusing to restore"):
+        tune(cfg, raw, tmp_path)

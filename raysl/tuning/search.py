@@ -53,7 +53,7 @@ from raysl.backends import BACKENDS
 from raysl.config import Config, apply_overrides, dump_yaml, to_dict
 from raysl.data import Split
 from raysl.errors import ConfigError
-from raysl.io import write_json, write_text, write_with
+from raysl.io import sha256_file, write_json, write_text, write_with
 from raysl.tuning.report import ReportInputs, TrialRecord, best, write_report
 from raysl.tuning.space import (
     Param,
@@ -400,6 +400,19 @@ def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+OWNER_FILE = "tuner.sha256"  # the checksum of the tuner.pkl this search wrote
+
+
+def _check_own_tuner(root: Path) -> None:
+    """Tune's restore unpickles ``tune/tuner.pkl`` (code can run): only restore one this raysl
+    search wrote, as its recorded checksum proves."""
+    pkl, owner = root / EXPERIMENT / "tuner.pkl", root / OWNER_FILE
+    if not owner.is_file() or owner.read_text().strip() != sha256_file(pkl):
+        raise ConfigError(f"--out {str(root)!r}: {pkl} was not written by a raysl search in "
+                          f"this directory (no matching {OWNER_FILE}); refusing to restore "
+                          "(unpickle) it. Use a new --out")
+
+
 def _check_same_search(path: Path, spec: SearchSpec, base: Config) -> bool:
     """True when ``path`` records this very search (so it can be resumed); raise when it
     records another one; False when there is none yet. The resource keys
@@ -444,15 +457,17 @@ def tune(cfg: Config, space: Mapping[str, Any] | str | Path | None = None,
         splits[k] = splits[k] if k in splits else pipeline.check(c)
     root.mkdir(parents=True, exist_ok=True)
     same = _check_same_search(root / "search.json", spec, base)
+    exp = root / EXPERIMENT
+    # A driver killed while Tune wrote tuner.pkl leaves it empty: nothing to resume then.
+    resume = (same and ray.tune.Tuner.can_restore(str(exp))
+              and (exp / "tuner.pkl").stat().st_size > 0)
+    if resume:
+        _check_own_tuner(root)  # before Tune unpickles it
 
     from raysl.distributed.session import ensure_ray
 
     started = ensure_ray(base.ray)
     try:
-        exp = root / EXPERIMENT
-        # A driver killed while Tune wrote tuner.pkl leaves it empty: nothing to resume then.
-        resume = (same and ray.tune.Tuner.can_restore(str(exp))
-                  and (exp / "tuner.pkl").stat().st_size > 0)
         logger.info("[tune] %s %s: %s over %s (%d trials)",
                     "resuming the search in" if resume else "search:", root, spec.search,
                     ", ".join(spec.keys), n_trials(spec))
@@ -469,6 +484,8 @@ def tune(cfg: Config, space: Mapping[str, Any] | str | Path | None = None,
                     concurrency, TRIAL_CPUS, max(base.train.num_workers, 1),
                     base.train.cpus_per_worker, " + 1 GPU" if base.train.use_gpu else "")
         tuner = _tuner(spec, base, root, concurrency, resume)
+        if not resume:  # Tune wrote tuner.pkl just now, once: remember it is ours
+            write_text(root / OWNER_FILE, sha256_file(exp / "tuner.pkl") + "\n")
         with quiet_tune_console():
             results = tuner.fit()
         records = _records(results, spec.keys)
