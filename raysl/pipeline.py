@@ -508,16 +508,20 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
     upstream: tuple[dict[str, Any], dict[str, Any] | None] | None = None
     if stages == "train":  # cache hits only: no Ray needed, and a mismatch refuses here
         upstream = _finished_upstream(split, cfg, out)
-    write_text(out / "config.yaml", dump_yaml(cfg))  # what this run does
-    logger.info("raysl: %s: %d labeled, %d unlabeled, %d validation, %d test rows; output in "
-                "%s", cfg.data.dataset, len(split.y_l), len(split.x_u), len(split.y_val),
-                len(split.y_test), out)
     started = False
     if cfg.ray.enabled:
         from raysl.distributed.session import ensure_ray
 
         started = ensure_ray(cfg.ray)
     try:
+        if cfg.ray.enabled:  # a request Ray can never place would wait for ever
+            from raysl.distributed.resources import check_resources
+
+            check_resources(cfg)
+        write_text(out / "config.yaml", dump_yaml(cfg))  # what this run does
+        logger.info("raysl: %s: %d labeled, %d unlabeled, %d validation, %d test rows; output "
+                    "in %s", cfg.data.dataset, len(split.y_l), len(split.x_u),
+                    len(split.y_val), len(split.y_test), out)
         metrics: dict[str, Any] = {"data": {
             "dataset": cfg.data.dataset, "n_labeled": len(split.y_l),
             "n_unlabeled": len(split.x_u), "n_val": len(split.y_val),
