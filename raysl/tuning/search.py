@@ -468,6 +468,9 @@ def tune(cfg: Config, space: Mapping[str, Any] | str | Path | None = None,
 
     started = ensure_ray(base.ray)
     try:
+        from raysl.distributed.resources import check_resources
+
+        check_resources(base)  # every trial asks for the same workers
         logger.info("[tune] %s %s: %s over %s (%d trials)",
                     "resuming the search in" if resume else "search:", root, spec.search,
                     ", ".join(spec.keys), n_trials(spec))
