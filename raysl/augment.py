@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 # Geometric ops compose into one affine matrix per row; the others blend per row.
@@ -124,6 +123,9 @@ def _affine(x: Tensor, ops: list[tuple[Tensor, str, Tensor]]) -> Tensor:
 
 def _intensity(name: str, x: Tensor, mag: Tensor) -> Tensor:
     """One intensity op on rows ``x`` (m, c, h, w) with magnitudes ``mag`` (m,) in [0, 1]."""
+    # here, not at module level: torchvision costs ~1.4 s to import and vectors never need it
+    import torchvision.transforms.v2.functional as TF
+
     if name == "autocontrast":
         return TF.autocontrast(x)
     if name == "equalize":

@@ -11,11 +11,12 @@ from raysl.config import Config, apply_overrides
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
+    """A local Ray of the session's own, started as raysl starts one (its runtime_env)."""
     import ray
 
-    import raysl.distributed.session  # noqa: F401  (sets Ray env defaults before init)
+    from raysl.distributed.session import start_local
 
-    ray.init(address="local", num_cpus=2, logging_level="WARNING")
+    start_local(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

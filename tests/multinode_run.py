@@ -8,27 +8,33 @@ process of its own, because a process joins one Ray cluster at a time.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import ray
 from ray.cluster_utils import Cluster
 
-import raysl.distributed.session  # noqa: F401  (Ray env defaults, before Ray starts)
 from raysl import pipeline
 from raysl.config import Config, apply_overrides
+from raysl.distributed.session import runtime_env
 
 
 def main(out: str) -> None:
+    progress = logging.getLogger("raysl")  # to stderr: stdout ends with the metrics' JSON
+    progress.addHandler(logging.StreamHandler(sys.stderr))
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    ray.init(address=cluster.address, logging_level="WARNING",
+             runtime_env=runtime_env(address=cluster.address))  # as raysl joins a cluster
     try:
         cfg = apply_overrides(Config(), {
             "train.epochs": 2, "train.min_steps": 0, "train.num_workers": 2,
             "train.cpus_per_worker": 1,
             "backend.actor_cpus": 1, "data.n_shards": 2, "backend.gmm.max_iter": 5})
-        metrics = pipeline.run(cfg, out, log=lambda s: print(s, file=sys.stderr))
+        metrics = pipeline.run(cfg, out)
         metrics["cluster_nodes"] = len([n for n in ray.nodes() if n["Alive"]])
         print(json.dumps(metrics))
     finally:

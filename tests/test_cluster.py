@@ -3,6 +3,7 @@ two nodes share the work, and dying actors, workers and drivers do not lose or c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -12,18 +13,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from faults import Fault, FaultyFactory, failing_loop
 
 from raysl import pipeline
 from raysl.backends import BACKENDS, FitContext
 from raysl.backends.base import LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, dump_yaml
 from raysl.data import load_dataset, make_split, shard
-from raysl.distributed.faults import Fault, FaultyFactory
 from raysl.train import TrainData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +86,8 @@ def test_train_worker_dying_mid_epoch_restarts_from_checkpoint(split, tmp_path: 
     cfg = TrainConfig(epochs=3, num_workers=2, cpus_per_worker=0.5, min_steps=0)
     args = (data, cfg, split.input_shape, split.n_classes, tmp_path)
     fault = Fault(str(tmp_path / "fired"), at=1, shard=1, exit=True)  # rank 1, epoch 1
-    survived = train_classifier(*args, "dies", max_failures=1, fault=fault, verbose=False)
+    survived = train_classifier(*args, "dies", max_failures=1, loop=failing_loop(fault),
+                                verbose=False)
     clean = train_classifier(*args, "clean", verbose=False)
     assert Path(fault.marker).exists(), "the fault never fired"
     assert [h["epoch"] for h in survived.history] == [0, 1, 2]
@@ -132,7 +135,7 @@ def test_killed_driver_resumes_when_run_again(tmp_path: Path) -> None:
     proc.wait()
     assert not (out / "metrics.json").exists()
 
-    m = pipeline.run(cfg, out, log=lambda s: None)
+    m = pipeline.run(cfg, out)
     assert m["baseline"]["cached"] and m["pseudo_labels"]["cached"]
     assert m["joint"]["resumed_from_epoch"] >= 0  # continued, not started over
     assert m["joint"]["epochs"] == cfg.train.epochs
@@ -146,26 +149,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def local_head() -> Iterator[str]:
-    """A Ray head of its own on loopback ports (beside the session's Ray); yields the Jobs
-    API address. Stopped with SIGTERM, not `ray stop`, which would stop every Ray here."""
+@dataclass(frozen=True)
+class Head:
+    dashboard: str  # the Jobs / State API address
+    gcs_port: int
+
+
+@contextlib.contextmanager
+def _ray_head(num_cpus: int = 2) -> Iterator[Head]:
+    """A Ray head of its own, `ray start --head`, on free loopback ports (beside the session's
+    Ray). Stopped with SIGTERM to its process group, not `ray stop`, which would stop every Ray
+    on the machine; the "latest cluster" file `ray start` writes is put back as it was."""
+    from ray._common.utils import get_ray_address_file
+
     ports = {k: _free_port() for k in (
         "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port",
         "node-manager-port", "object-manager-port")}
+    latest = Path(get_ray_address_file(None))
+    before = latest.read_text() if latest.is_file() else None
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     ray_bin = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=2",
+    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}",
                              "--dashboard-host=127.0.0.1",
                              *[f"--{k}={v}" for k, v in ports.items()]],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        yield f"http://127.0.0.1:{ports['dashboard-port']}"
+        yield Head(f"http://127.0.0.1:{ports['dashboard-port']}", ports["port"])
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its group only: whatever is left of it
+        with contextlib.suppress(OSError):
+            if latest.read_text().strip().endswith(f":{ports['port']}"):  # still ours
+                if before is None:
+                    latest.unlink()
+                else:
+                    latest.write_text(before)
+
+
+@pytest.fixture
+def local_head() -> Iterator[str]:
+    """The Jobs API address of a Ray head of its own (:func:`_ray_head`)."""
+    with _ray_head() as head:
+        yield head.dashboard
 
 
 @pytest.mark.ray
@@ -198,6 +229,69 @@ def test_job_submitted_to_a_local_head_succeeds(local_head: str, tmp_path: Path)
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"]["dataset"] == "digits" and "test_accuracy" in m["joint"]
     assert (out / "pseudo_labels.parquet").is_file() and (out / "model.pt").is_file()
+
+
+def _wait_for_port(port: int, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.time() < deadline, f"nothing listens on port {port} after {seconds} s"
+            time.sleep(0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_a_dead_runs_cpus_are_freed_beside_another_ray(split, tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """With another Ray on this machine (here a `ray start` head; two `raysl run` at once do
+    the same), Ray Train's PlacementGroupCleaner still finds this session's Ray: no "Found
+    multiple active Ray instances" in the output, and when a run's controller dies while the
+    job goes on (its driver task killed, as Tune stops a trial), the run's placement group,
+    its CPUs, is released (without the cleaner it stays until the whole job ends)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    from raysl.distributed.trainer import train_classifier
+
+    e = np.zeros((0, *split.input_shape), np.float32)
+    data = TrainData(split.x_l, split.y_l, e, np.zeros(0, np.int64), np.zeros(0, np.float32),
+                     split.x_val, split.y_val, len(split.x_u))
+    cfg = TrainConfig(epochs=5000, num_workers=1, cpus_per_worker=0.5, min_steps=0)
+    before = set(ray.util.placement_group_table())
+
+    def ours() -> dict[str, str]:
+        return {k: v["state"] for k, v in ray.util.placement_group_table().items()
+                if k not in before}
+
+    with _ray_head(num_cpus=1) as head:
+        _wait_for_port(head.gcs_port, 60)
+        run = ray.remote(num_cpus=0, max_retries=0)(train_classifier).remote(
+            data, cfg, split.input_shape, split.n_classes, tmp_path, "beside", verbose=False)
+        try:
+            deadline = time.time() + 180
+            while not list((tmp_path / "beside").glob("checkpoint_*")):  # it trains
+                assert time.time() < deadline, "no checkpoint within 180 s"
+                time.sleep(0.2)
+            ray.cancel(run, force=True)  # the driver dies; the controller with it
+            deadline = time.time() + 30
+            while any(s != "REMOVED" for s in ours().values()) and time.time() < deadline:
+                time.sleep(0.5)
+            left = ours()
+        finally:
+            with contextlib.suppress(Exception):
+                ray.cancel(run, force=True)
+            from ray._raylet import PlacementGroupID
+
+            for pg in [k for k, s in ours().items() if s != "REMOVED"]:  # for later tests
+                ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg)))
+        time.sleep(2)  # the cleaner's log lines reach the driver asynchronously
+    text = "".join(capfd.readouterr())
+    assert left and set(left.values()) == {"REMOVED"}, (left, text[-3000:])
+    assert "Found multiple active Ray instances" not in text, text[-3000:]
+    assert "with cleaner" not in text, text[-3000:]  # "Failed to register ... with cleaner"
 
 
 @pytest.mark.ray

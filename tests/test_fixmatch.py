@@ -403,10 +403,11 @@ def test_ray_train_resumes_teacher_and_thresholds_and_returns_the_teacher(tmp_pa
     """A FixMatch run (EMA teacher, FlexMatch state) that dies in epoch 2 resumes from its
     checkpoint and ends with exactly the weights of a run that never failed; the returned
     model is the EMA teacher (the same weights as the in-process loop's teacher)."""
+    from faults import Fault, failing_loop
+
     from raysl.bench.accuracy import train_torch
     from raysl.config import DataConfig
     from raysl.data import load_dataset, make_split
-    from raysl.distributed.faults import Fault
     from raysl.distributed.trainer import train_classifier
 
     dc = DataConfig(labels_per_class=5)
@@ -422,7 +423,8 @@ def test_ray_train_resumes_teacher_and_thresholds_and_returns_the_teacher(tmp_pa
     args = (data, cfg, split.input_shape, split.n_classes, tmp_path)
     fault = Fault(str(tmp_path / "fired"), at=2, exit=False)
     with pytest.raises(Exception, match="injected fault"):
-        train_classifier(*args, "crashy", max_failures=0, fault=fault, verbose=False)
+        train_classifier(*args, "crashy", max_failures=0, loop=failing_loop(fault),
+                         verbose=False)
     resumed = train_classifier(*args, "crashy", verbose=False)
     fresh = train_classifier(*args, "fresh", verbose=False)
     assert resumed.resumed_from_epoch in (0, 1)

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from faults import Fault, failing_loop
 
 from raysl import pipeline
 from raysl.backends import BACKENDS, FitContext
 from raysl.backends.base import LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, load_config
 from raysl.data import load_dataset, make_split, shard
-from raysl.distributed.faults import Fault
 from raysl.train import TrainData
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
@@ -100,7 +100,8 @@ def test_training_resumes_from_checkpoint_after_a_crash(split, tmp_path: Path) -
     args = (_train_data(split), cfg, split.input_shape, split.n_classes, tmp_path)
     fault = Fault(str(tmp_path / "fired"), at=3, exit=False)
     with pytest.raises(Exception, match="injected fault"):
-        train_classifier(*args, "crashy", max_failures=0, fault=fault, verbose=False)
+        train_classifier(*args, "crashy", max_failures=0, loop=failing_loop(fault),
+                         verbose=False)
     resumed = train_classifier(*args, "crashy", verbose=False)
     fresh = train_classifier(*args, "fresh", verbose=False)
     assert resumed.resumed_from_epoch in (1, 2)  # the newest checkpoint may lag by one
@@ -202,3 +203,21 @@ def test_bench_accuracy_on_ray_tasks_equals_the_in_process_run(tmp_path: Path) -
 
     on_ray = rows("ray")
     assert len(on_ray) == 4 and on_ray == rows("plain")
+
+
+def test_shard_actors_reserve_no_gpu_when_training_uses_one(split) -> None:
+    """train.use_gpu is the classifier's: no backend uses a GPU, so shard actors must not ask
+    for one (they used to reserve a whole GPU each and waited forever on a machine without)."""
+    import threading
+
+    cfg = apply_overrides(Config(), {"train.use_gpu": True, "backend.name": "gmm",
+                                     "backend.gmm.max_iter": 3, "data.n_shards": 2})
+    ctx = FitContext(split.n_classes, split.input_shape, seed=0)
+    done = threading.Event()
+
+    def fit_on_actors() -> None:
+        pipeline.fit_backend(split, cfg, ctx, use_ray=True)
+        done.set()
+
+    threading.Thread(target=fit_on_actors, daemon=True).start()
+    assert done.wait(120), "the shard actors are waiting for a GPU"

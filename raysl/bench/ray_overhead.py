@@ -82,11 +82,11 @@ def main(argv: list[str]) -> int:
 
     import ray
 
-    import raysl.distributed.session  # noqa: F401  (Ray env defaults before init)
+    from raysl.distributed.session import start_local
     from raysl.distributed.trainer import train_classifier
 
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=args.threads, logging_level="WARNING")  # own, fresh
+    start_local(num_cpus=args.threads, logging_level="WARNING")  # own, fresh, raysl's env
     init_s = time.perf_counter() - t0
     runs: dict[int, tuple[list[tuple[float, float, float]], float]] = {}
     try:
