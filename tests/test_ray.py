@@ -163,7 +163,9 @@ def test_relabel_rounds_retrain_from_the_last_joint_model(tiny_config: Config,
     """backend.relabel_rounds=2: the first joint model re-labels the pool (as `self`) and a
     second joint model is trained; it is the final model unless the baseline scores higher
     on validation, and rerunning finds it cached."""
-    cfg = apply_overrides(tiny_config, {"backend.relabel_rounds": 2, "backend.name": "gmm"})
+    # the rounds' logic, not DDP (tested elsewhere): Ray Train's local mode, 3 s a start-up
+    cfg = apply_overrides(tiny_config, {"backend.relabel_rounds": 2, "backend.name": "gmm",
+                                        "train.num_workers": 0})
     out = tmp_path / "run"
     m = pipeline.run(cfg, out)
     assert [r["round"] for r in m["relabel"]] == [2]

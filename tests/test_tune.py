@@ -167,15 +167,19 @@ def test_prefit_plans_only_keys_that_change_a_baseline_or_backend_fit() -> None:
     assert _prefit(gmm, apply_overrides(Config(), {"backend.name": "self"})) == [{}]
 
 
-def test_cli_tune_fails_fast_on_a_bad_space(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_tune_fails_fast_on_a_bad_space(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import raysl.distributed.session as session
+
+    def no_ray(*_: object, **__: object) -> bool:
+        raise AssertionError("Ray was about to start")
+
+    monkeypatch.setattr(session, "ensure_ray", no_ray)
     space = tmp_path / "space.yaml"
     space.write_text("space:\n  select.threshold: {grid: [0.9, 2]}\n")
-    t0 = time.perf_counter()
     assert main(["tune", "--space", str(space), "--out", str(tmp_path / "o")]) == 2
     assert "select.threshold=2.0: must be in [0.0, 1.0]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written, no search started
-    assert time.perf_counter() - t0 < 30
 
 
 def test_a_different_search_in_the_same_out_is_refused(tmp_path: Path) -> None:
