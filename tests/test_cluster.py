@@ -168,7 +168,10 @@ def _ray_head(num_cpus: int = 2) -> Iterator[Head]:
         "node-manager-port", "object-manager-port")}
     latest = Path(get_ray_address_file(None))
     before = latest.read_text() if latest.is_file() else None
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # token auth off on this loopback-only test head, so the client side needs no token
+    # (whether this process had read RAY_AUTH_MODE before made the job test order-dependent)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}",
                              "--dashboard-host=127.0.0.1",
@@ -202,10 +205,7 @@ def local_head() -> Iterator[str]:
 
 
 @pytest.mark.ray
-def test_job_submitted_to_a_local_head_succeeds(local_head: str, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    if "RAY_AUTH_MODE" not in os.environ:  # the client side of Ray's token auth, this test only
-        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+def test_job_submitted_to_a_local_head_succeeds(local_head: str, tmp_path: Path) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     deadline = time.time() + 60
