@@ -211,3 +211,36 @@ def test_the_sessions_settings_reach_rays_processes() -> None:
         return {k: os.environ.get(k) for k in RAY_ENV}
 
     assert ray.get(env.remote()) == {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_a_run_in_seconds_and_says_how_to_resume(tmp_path: Path) -> None:
+    """SIGINT during Ray Train (whose own handler used to exit 1 with no word): exit 130
+    within seconds and a line saying how to resume (that a re-run resumes is
+    test_cluster's killed-driver test)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "raysl.cli", "run", "--out", str(out), "--set",
+           "train.epochs=200", "--set", "train.min_steps=0", "--set", "train.num_workers=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the baseline trains
+            if "epoch 2/200" in line:
+                break
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        stopped_in = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"run the same command again with --out {out} to resume" in err
+    assert stopped_in < 30, stopped_in  # generous on a loaded 2-core machine: it was ~4 s
+    assert (out / "config.yaml").is_file() and not (out / "metrics.json").exists()

@@ -10,8 +10,10 @@ path and name resumes from the latest checkpoint.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -137,10 +139,26 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
     )
     # Local mode keeps no checkpoint on disk, so the final weights come back as rank 0's
     # return value; the per-epoch checkpoints are there for resuming.
-    out = trainer.fit().return_value
+    out = _fit_interruptibly(trainer).return_value
     history = out["history"]
     resumed = max((int(h["resumed_from_epoch"]) for h in history), default=-1)
     return TrainOutcome(out["model"], history, time.perf_counter() - t0, resumed, out["nodes"])
+
+
+def _fit_interruptibly(trainer: TorchTrainer) -> Any:
+    """``trainer.fit()``, with Ctrl-C as Python has it. In the main thread Ray Train replaces
+    the process's SIGINT handler with its own, which aborts the run and raises SystemExit (and
+    stays installed after the fit): here the abort becomes a KeyboardInterrupt, and the
+    previous handler is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit as e:  # only Ray Train's SIGINT handler exits from inside fit()
+        raise KeyboardInterrupt("training aborted by SIGINT") from e
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _storage(path: str | Path) -> str:
