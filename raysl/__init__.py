@@ -9,8 +9,9 @@ Importing raysl is cheap and has no side effects: each name below is imported on
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from raysl._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from raysl.api import Result, load_model, make_config, run, tune
@@ -48,14 +49,4 @@ __all__ = [
     "tune",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # once
-        return value
-    raise AttributeError(f"module 'raysl' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

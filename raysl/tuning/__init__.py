@@ -9,9 +9,9 @@ Importing this package does not import Ray: the search's names are imported on f
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from raysl._lazy import lazy_exports
 from raysl.tuning.report import ReportInputs, TrialRecord, best, rank, write_report
 from raysl.tuning.space import (
     Param,
@@ -45,14 +45,4 @@ __all__ = [
     "write_report",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # once
-        return value
-    raise AttributeError(f"module 'raysl.tuning' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
