@@ -18,6 +18,7 @@ DEFAULT_OUT = "runs/default"
 BENCHES: dict[str, str] = {
     "backends": "raysl.bench.backends",
     "accuracy": "raysl.bench.accuracy",
+    "gmm-speed": "raysl.bench.gmm_speed",
     "ray-overhead": "raysl.bench.ray_overhead",
     "robustness": "raysl.bench.robustness",
 }

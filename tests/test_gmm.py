@@ -361,3 +361,33 @@ def test_stopping_at_max_iter_warns_as_scikit_learn_does(split: Split) -> None:
         warnings.simplefilter("error", ConvergenceWarning)
         res = _fit(split, GMMConfig(max_iter=500, tol=1e-3), n_shards=2)  # stops by tol
     assert res.rounds < 500
+
+
+def test_bench_gmm_speed_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from raysl.bench.gmm_speed import main
+
+    assert main(["--dataset", "digits", "--rows", "600", "--dim", "8", "--rounds", "3",
+                 "--local"]) == 0
+    out = capsys.readouterr().out
+    assert "600 rows × 8 dims, 10 components" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "seconds" not in ln]
+    assert len(rows) == 3 and all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_the_cached_projection_follows_the_state(split: Split) -> None:
+    """A shard's projected rows are reused between rounds, never across projections."""
+    ctx = _ctx(split)
+    sh = Shard(split.x_u, split.x_l, split.y_l, 0)
+    a = GMMBackend(GMMConfig(pca_dim=8, max_iter=2), ctx)
+    fit(a, _local_exec(a, sh), split.x_l, split.y_l)
+    z8 = a._projected(sh)
+    assert z8.shape[1] == 8 and a._projected(sh) is z8  # reused
+    b = GMMBackend(GMMConfig(pca_dim=4, max_iter=2), ctx)
+    fit(b, _local_exec(b, sh), split.x_l, split.y_l)
+    a.load_state_dict(b.state_dict())  # another projection: projected again
+    assert a._projected(sh).shape[1] == 4
+
+
+def _local_exec(backend: GMMBackend, sh: Shard) -> LocalExecutor:
+    worker = ShardWorker(lambda cfg, ctx: backend, None, backend.ctx, sh)
+    return LocalExecutor([worker])
