@@ -468,11 +468,12 @@ def test_a_learning_rate_grid_shares_one_backend_fit(
     from raysl.tuning import tune
 
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
-    # cheap: the search runs on Tune, but ray.enabled=false trains the classifiers in the
-    # driver and the trials' processes (no Ray Train start-up); the space given as a dict
+    # cheap: the search runs on Tune, train.num_workers=0 trains the baselines in Ray Train's
+    # local mode and the trials in their own processes (local mode refuses Tune sessions;
+    # this also tests that fallback); the space given as a dict
     space = {"search": "grid", "max_concurrent_trials": 2, "space": {
         "train.lr": {"grid": [0.03, 0.01]}, "backend.name": "gmm", "select.threshold": 0.9}}
-    outcome = tune(_tiny({"ray.enabled": False}), space, tmp_path / "out")
+    outcome = tune(_tiny({"train.num_workers": 0}), space, tmp_path / "out")
     out = outcome.out
     assert len(outcome.records) == 2 and all(r.complete for r in outcome.records)
     # the learning rate changes the baseline (two), not the gmm fit (one, shared)

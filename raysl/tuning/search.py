@@ -41,7 +41,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,11 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
     t0 = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(base, config)
+    if cfg.ray.enabled and cfg.train.num_workers == 0:
+        # Ray Train's local mode refuses to run inside a Tune function (its get_context,
+        # report and get_checkpoint raise DeprecationWarning there, ray-project/ray#49454):
+        # train in this trial's process instead (same loop; no per-epoch reports for ASHA)
+        cfg = replace(cfg, ray=replace(cfg.ray, enabled=False))
     tdir = Path(root) / "trials" / trial_id
     with trial_log(tdir / "log.txt"):
         logger.info("attempt started: %s", config)  # one line per attempt: restores show
