@@ -360,7 +360,9 @@ def searched(ray_session, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tune")
     with _Lines() as lines:
-        outcome = tune(_tiny(), _space(tmp, [0.5, 0.95], ["gmm", "self"], 2), tmp / "out")
+        # trials in their own processes (num_workers=0): Train inside Tune is the resume test's
+        outcome = tune(_tiny({"train.num_workers": 0}),
+                       _space(tmp, [0.5, 0.95], ["gmm", "self"], 2), tmp / "out")
     return outcome, lines
 
 
