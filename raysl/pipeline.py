@@ -66,9 +66,9 @@ def json_safe(obj: Any) -> Any:
 def check(cfg: Config, dataset: Dataset | None = None) -> Split:
     """Validate names and data and build the split: everything that can fail on bad input,
     before Ray starts. ``dataset``: in-memory data instead of ``cfg.data.dataset``."""
-    _check_names(cfg)
+    _check_names(cfg)  # before loading the data: a typo fails at once
     split = make_split(dataset if dataset is not None else load_dataset(cfg.data), cfg.data)
-    return prepare(split, cfg)
+    return _standardized(split, cfg)
 
 
 def _check_names(cfg: Config) -> None:
@@ -81,6 +81,10 @@ def prepare(split: Split, cfg: Config) -> Split:
     """A split made elsewhere (e.g. by the estimator), checked and standardized as
     :func:`check` does."""
     _check_names(cfg)
+    return _standardized(split, cfg)
+
+
+def _standardized(split: Split, cfg: Config) -> Split:
     return standardize_split(split, cfg.data.n_shards) if cfg.data.standardize else split
 
 

@@ -219,13 +219,19 @@ def train_loop(model: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int
     return kept, history, resumed
 
 
+def init_model(cfg: TrainConfig, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """The classifier with its initial weights, a function of ``cfg.seed``: every rank, the
+    in-process run and the benchmarks start from the same weights."""
+    torch.manual_seed(cfg.seed)
+    return build_model(input_shape, n_classes, cfg.hidden, cfg.init)
+
+
 def fit_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...],
                    n_classes: int, name: str = "train", verbose: bool = False) -> TrainOutcome:
     """Train the classifier in this process (no Ray, one rank): what Ray Train's single worker
     computes, without its start-up cost. For small data, notebooks and the estimator."""
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    model = build_model(input_shape, n_classes, cfg.hidden, cfg.init)
+    model = init_model(cfg, input_shape, n_classes)
     kept, history, _ = train_loop(model, data, cfg, name=name, verbose=verbose)
     return TrainOutcome(state_to_numpy(kept.state_dict()), history, time.perf_counter() - t0)
 

@@ -48,9 +48,8 @@ import torch
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
 from raysl.data import Split, load_dataset, make_split
 from raysl.metrics import pseudo_label_metrics
-from raysl.models import build_model
 from raysl.select import Selection, select
-from raysl.train import TrainData, accuracy, state_to_numpy, train_loop
+from raysl.train import TrainData, accuracy, init_model, state_to_numpy, train_loop
 
 # The training budget of each dataset (the same for every online neural method on it).
 # mnist5k: 41 steps per epoch at mu=3, batch 32.
@@ -89,8 +88,7 @@ def train_torch(split: Split, cfg: TrainConfig, x_l: np.ndarray | None = None,
                      x_u=split.x_u, y_u=split.y_u,
                      prior_label=None if prior is None else prior[0],
                      prior_conf=None if prior is None else prior[1])
-    torch.manual_seed(cfg.seed)
-    model = build_model(split.input_shape, split.n_classes, cfg.hidden, cfg.init)
+    model = init_model(cfg, split.input_shape, split.n_classes)
 
     def on_epoch(epoch: int, row: dict[str, Any], _: Any) -> None:
         if log is not None and (epoch + 1) % max(1, cfg.epochs // 5) == 0:

@@ -26,8 +26,7 @@ import torch
 
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
 from raysl.data import load_dataset, make_split
-from raysl.models import build_model
-from raysl.train import TrainData, train_loop
+from raysl.train import TrainData, init_model, train_loop
 
 
 def plain_epochs(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...], n_classes: int,
@@ -35,8 +34,7 @@ def plain_epochs(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...]
     """(training, validation) seconds of each epoch of the in-process loop: the Ray worker's
     :func:`~raysl.train.train_loop` without Ray (no checkpoint, no report)."""
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    model = build_model(input_shape, n_classes, cfg.hidden, cfg.init)
+    model = init_model(cfg, input_shape, n_classes)
     _, history, _ = train_loop(model, data, cfg)
     return [(h["train_seconds"], h["epoch_seconds"] - h["train_seconds"]) for h in history]
 

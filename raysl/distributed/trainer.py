@@ -27,8 +27,14 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
-from raysl.models import build_model
-from raysl.train import Snapshot, TrainData, TrainOutcome, state_to_numpy, train_loop
+from raysl.train import (
+    Snapshot,
+    TrainData,
+    TrainOutcome,
+    init_model,
+    state_to_numpy,
+    train_loop,
+)
 
 CKPT_FILE = "state.pt"
 
@@ -75,9 +81,8 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts anyway)
-    model = build_model(tuple(config["input_shape"]), config["n_classes"], cfg.hidden,
-                        cfg.init)
+    # the same initial weights on every rank (DDP broadcasts anyway)
+    model = init_model(cfg, tuple(config["input_shape"]), config["n_classes"])
     model = ray.train.torch.prepare_model(model)
     resume = None
     ckpt = ray.train.get_checkpoint()
