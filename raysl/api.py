@@ -81,13 +81,15 @@ class Result:
 
     ``model`` takes raw inputs ``(n, ...)`` and returns logits ``(n, C)`` (its preprocessing is
     its first layer); ``classes[i]`` is the user's label of logit ``i`` (0..C-1 for named
-    datasets)."""
+    datasets). Text data: ``text`` is the encoder that made the model's input vectors
+    (:mod:`raysl.text`), and :meth:`predict` / :meth:`predict_proba` also take raw strings."""
 
     metrics: dict[str, Any]
     model: torch.nn.Module
     out: Path
     classes: np.ndarray
     _pseudo: Path = field(repr=False, default=Path())
+    text: Any = field(repr=False, default=None)
 
     @property
     def pseudo_labels(self) -> pd.DataFrame:
@@ -99,14 +101,19 @@ class Result:
         df["label"] = self.classes[df["label"].to_numpy()]
         return df
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(n, C)`` for raw rows ``x (n, ...)``."""
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """Class probabilities ``(n, C)`` for raw rows ``x (n, ...)``, or for ``n`` strings
+        when the run was on text."""
         from raysl.train import predict_proba
 
+        if self.text is not None and len(x) and isinstance(x[0], str):
+            from raysl.text import check_texts
+
+            x = self.text(check_texts(x, "texts"))
         return predict_proba(self.model, np.asarray(x, np.float32))
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """The user's labels ``(n,)`` for raw rows ``x (n, ...)``."""
+    def predict(self, x: Any) -> np.ndarray:
+        """The user's labels ``(n,)`` for raw rows ``x (n, ...)`` (or strings: text runs)."""
         return self.classes[self.predict_proba(x).argmax(1)]
 
 
@@ -129,12 +136,20 @@ def run(config: ConfigLike = None, *, data: Any = None, out: str | Path | None =
         dataset = in_memory_dataset(data)
         overrides = {"data__dataset": "in-memory", **overrides}
     cfg = make_config(config, **overrides)
-    split = pipeline.check(cfg, dataset)
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="raysl-"))
-    metrics = pipeline.run(cfg, out, split=split)
+    # a user's files are read through Ray Data in the run's own Ray session (one per run)
+    started = dataset is None and pipeline.start_ray_for_data(cfg)
+    try:
+        split = pipeline.check(cfg, dataset)
+        out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="raysl-"))
+        metrics = pipeline.run(cfg, out, split=split)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     classes = split.classes if split.classes is not None else np.arange(split.n_classes)
     return Result(metrics, load_model(out / "model.pt"), out, classes,
-                  out / "pseudo_labels.parquet")
+                  out / "pseudo_labels.parquet", split.text)
 
 
 def tune(config: ConfigLike = None, param_space: Mapping[str, Any] | str | Path | None = None,

@@ -4,15 +4,41 @@ Works from probabilities (any backend, including the GMM, gives probabilities): 
 recovered as log p up to a per-row constant, which softmax ignores, so
 ``apply_temperature(p, T) = softmax(log p / T)``. The argmax never changes, so pseudo-label
 accuracy is unchanged; confidences, coverage at a threshold and calibration are.
+
+:func:`calibrate` is the safe version the pipeline uses (``backend.calibrate``, on by
+default). With 5 validation rows per class an unguarded fit can collapse: when every
+validation row's argmax is right, the NLL keeps falling as T -> 0 and the fit ends on its lower
+bound (T = 0.05 was seen for ``self`` on digits), certainty the pool does not have. So T is
+bounded to [:data:`T_MIN`, :data:`T_MAX`], and a fit that ends on the lower bound (no interior
+optimum: the rows carry no evidence of how sharp to be) gives T = 1.
+
+Measured (``raysl bench backends``, 48 fits: gmm in the inputs' PCA and in the embedding,
+``self`` and LabelSpreading on digits at 5 and 10 labels per class, mnist5k and Fashion-MNIST
+at 10, 3 seeds each): mean ECE on the pools 0.134 uncalibrated, 0.046 calibrated; NLL lower on
+every one of the 48. Cross-validation on the validation rows was tried as a further guard (T = 1
+unless T's 10-fold held-out NLL beats T = 1's) and dropped: with one or two misclassified
+validation rows the held-out NLL swings on them, and it rejected good temperatures (the default
+digits run's gmm, T = 4.04: pool ECE 0.039 -> 0.013), mean ECE 0.050.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-_EPS = 1e-12  # floor for log p: a zero probability would be an infinite logit
+# Sharpening by more than 2 is never trusted from a few rows; the GMM's probabilities need
+# T = 3-8 (its log-density ratios grow with the dimension; 8.2 the most seen, Fashion-MNIST).
+T_MIN = 0.5
+T_MAX = 10.0
+
+# Floor for log p: a zero probability would be an infinite logit. It also bounds how far T
+# can flatten: at T = 7.7 a row's top class stays below 0.8 with 10 classes. A floor at 1e-300
+# was tried: on Fashion-MNIST the few rows with log p ~ -700 on their true class then drove T to
+# its upper bound (20), worse ECE for LabelSpreading and the PCA GMM.
+_EPS = 1e-12
 
 
 def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
@@ -44,3 +70,40 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray, lo: float = 0.05,
     res = minimize_scalar(objective, bounds=(np.log(lo), np.log(hi)), method="bounded",
                           options={"xatol": 1e-4})
     return float(np.exp(res.x))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The outcome of :func:`calibrate`: ``temperature`` to apply; ``fitted``, the NLL-optimal
+    T in the bounds; the validation rows' mean NLL at ``temperature`` (``nll``) and at T = 1
+    (``nll_one``); ``n`` rows."""
+
+    temperature: float
+    fitted: float
+    nll: float
+    nll_one: float
+    n: int
+
+    @property
+    def accepted(self) -> bool:
+        """False when T = 1 was kept (no rows, or a degenerate fit)."""
+        return self.temperature != 1.0
+
+
+def calibrate(proba: np.ndarray, y: np.ndarray, lo: float = T_MIN,
+              hi: float = T_MAX) -> Calibration:
+    """Temperature scaling that does not follow a degenerate fit.
+
+    ``proba`` (n, C) and labels ``y`` (n,) of labeled held-out rows. T is fitted in
+    [``lo``, ``hi``]; a fit on the lower bound (within 0.1%) gives T = 1. The NLL at the
+    returned T is never above T = 1's (1 is in the bounds, the fallback is 1 itself, and a fit
+    that is not better is not taken)."""
+    n = len(y)
+    if n == 0:
+        return Calibration(1.0, 1.0, float("nan"), float("nan"), 0)
+    one = nll(proba, y)
+    fitted = fit_temperature(proba, y, lo, hi)
+    at_fitted = nll(apply_temperature(proba, fitted), y)
+    if fitted <= lo * 1.001 or at_fitted > one:
+        return Calibration(1.0, fitted, one, one, n)
+    return Calibration(fitted, fitted, at_fitted, one, n)

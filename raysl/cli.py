@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "gmm-speed": "raysl.bench.gmm_speed",
     "ray-overhead": "raysl.bench.ray_overhead",
     "robustness": "raysl.bench.robustness",
+    "scale": "raysl.bench.scale",
 }
 
 

@@ -23,8 +23,18 @@ from raysl.errors import ConfigError
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"  # a name in raysl.data.DATASETS, or a path: .npz, .parquet, .csv
+    # (a file, folder, glob or URI such as s3://...), an image folder tree or manifest
     root: str = "~/.cache/raysl/data"  # torchvision datasets and MNIST-format idx files
     download: bool = False  # only torchvision datasets, only on a networked machine
+    # A user's files (raysl.readers, read through Ray Data): the label column of .csv / .parquet
+    # data and image manifests (null, empty or -1: unlabeled); the feature columns, () for
+    # every column but the label (all numeric then); images resized to image_size x image_size
+    # pixels (one side; 0: keep the first image's size, which every image must then have); the
+    # folder of an image tree's unlabeled images (ROOT/<class>/... are the labeled ones)
+    label_column: str = "y"
+    feature_columns: tuple[str, ...] = ()
+    image_size: int = 0
+    unlabeled_dir: str = "unlabeled"
     # N > 0: N labeled rows per class, the rest hidden in the unlabeled pool (benchmarks);
     # 0: every label of data that has unlabeled (-1) rows, 5 per class of fully labeled data
     labels_per_class: int = 0
@@ -35,9 +45,12 @@ class DataConfig:
     # feature vectors: zero mean, unit variance per column from the training rows' moments,
     # saved inside model.pt (raysl.preprocess); images keep [0, 1]
     standardize: bool = True
-    # text (raysl.text): the text column of a .csv / .parquet file; TF-IDF terms kept (word 1-2
-    # grams); SVD (LSA) columns the texts become, 0: the TF-IDF columns themselves (dense)
+    # text (raysl.text): the text column of a .csv / .parquet file; the encoder: "minilm" (a
+    # frozen pretrained sentence encoder), "tfidf", or a sentence-transformers model folder;
+    # for tfidf, the terms kept (word 1-2 grams) and the SVD (LSA) columns the texts become,
+    # 0: the TF-IDF columns themselves (dense)
     text_column: str = "text"
+    text_encoder: str = "minilm"
     text_features: int = 20000
     text_dim: int = 300
 
@@ -45,7 +58,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class GMMConfig:
     components_per_class: int = 1
-    pca_dim: int = 16  # 0 fits in the raw (flattened) feature space
+    # the space the mixture is fitted in, before the PCA: "pca" (the inputs themselves) or
+    # "embedding" (the baseline classifier's penultimate layer, computed on each shard)
+    features: str = "pca"
+    pca_dim: int = 16  # 0 fits in the feature space itself (inputs or embedding)
     reg_covar: float = 1.0  # covariance prior strength, relative to the mean data variance
     max_iter: int = 100
     tol: float = 1e-5  # stop when the objective's relative gain falls below this
@@ -85,8 +101,10 @@ class BackendConfig:
     # the one with the best validation accuracy
     name: str = "auto"
     actor_cpus: float = 0.5  # fractional, so actors fit beside each other on small machines
-    # temperature-scale the probabilities on the validation split (argmax labels unchanged)
-    calibrate: bool = False
+    # temperature-scale the probabilities on the validation split (argmax labels unchanged);
+    # T is bounded and kept only when cross-validation on those rows confirms it
+    # (raysl.calibration.calibrate)
+    calibrate: bool = True
     # Iterative self-training: rounds > 1 re-label the unlabeled pool with the last joint model
     # (as the `self` backend, same selection) and train the joint model again, each round.
     relabel_rounds: int = 1
@@ -123,7 +141,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lambda_u: float = 1.0  # weight of the pseudo-label loss; 0 is supervised training
-    hidden: int = 256  # width of the MLP / the CNN's dense layer
+    # width of the MLP / the CNN's dense layer; 0: a linear classifier (vectors only); -1: by
+    # the data: 0 on a pretrained text encoder's vectors, else 256 (raysl.pipeline.model_width)
+    hidden: int = -1
     num_workers: int = 2  # Ray Train workers (DDP); 0 runs the loop in the driver process
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
@@ -176,9 +196,11 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "data.n_shards": (1, None),
     "data.text_features": (1, None),
     "data.text_dim": (0, None),
+    "data.image_size": (0, None),
     "backend.actor_cpus": (0.01, None),
     "backend.relabel_rounds": (1, None),
     "backend.gmm.components_per_class": (1, None),
+    "backend.gmm.features": ("pca", "embedding"),
     "backend.gmm.pca_dim": (0, None),
     "backend.gmm.reg_covar": (1e-9, None),
     "backend.gmm.max_iter": (1, None),
@@ -213,7 +235,7 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "train.momentum": (0.0, 1.0),
     "train.weight_decay": (0.0, None),
     "train.lambda_u": (0.0, None),
-    "train.hidden": (1, None),
+    "train.hidden": (-1, None),
     "train.num_workers": (0, None),
     "train.cpus_per_worker": (0.01, None),
     "train.fixmatch_threshold": (0.0, 1.0),
@@ -270,6 +292,15 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(typ) is tuple:  # tuple[str, ...]: a YAML list, or "a,b" from --set
+        if value is None:  # "--set data.feature_columns=" or an empty YAML value
+            return ()
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(
+                isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
+            return tuple(str(v) for v in value)
+        raise ConfigError(f"{key}={value!r}: expected a list of names, e.g. [a, b] or a,b")
     elif isinstance(typ, types.UnionType):  # pragma: no cover - no unions yet
         return value
     name = getattr(typ, "__name__", str(typ))
@@ -362,6 +393,11 @@ def get(cfg: Any, key: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Check every declared limit; raise ConfigError naming the key, value and what is allowed."""
+    for key in ("data.label_column", "data.unlabeled_dir"):  # names, not limits
+        value = get(cfg, key)
+        if not value.strip() or (key == "data.unlabeled_dir" and "/" in value):
+            raise ConfigError(f"{key}={value!r}: must be a "
+                              + ("folder name (no /)" if key.endswith("dir") else "column name"))
     for key, limit in LIMITS.items():
         value = get(cfg, key)
         if isinstance(limit[0], str):

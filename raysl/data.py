@@ -21,7 +21,7 @@ import numpy as np
 from raysl.config import DataConfig
 from raysl.errors import DataError
 from raysl.preprocess import Standardizer
-from raysl.text import TextFeatures, check_texts
+from raysl.text import SentenceEncoder, TextFeatures, check_texts, encode_cached
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,7 +70,7 @@ class Split:
     standardizer: Standardizer | None = None
     classes: np.ndarray | None = None  # the user's labels of classes 0..C-1 (None: 0..C-1)
     # text data: the fitted text -> vector transform that made every x above (raysl.text)
-    text: TextFeatures | None = None
+    text: TextFeatures | SentenceEncoder | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -496,6 +496,8 @@ def _read_npz(p: Path, path: str) -> Dataset:
 
 
 def _read_parquet(p: Path, path: str, text_column: str = "text") -> Dataset:
+    """A text ``.parquet`` file: a string column ``text_column`` and the labels ``y`` (other
+    columns are ignored). Numeric tables are read through Ray Data (:mod:`raysl.readers`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -504,43 +506,26 @@ def _read_parquet(p: Path, path: str, text_column: str = "text") -> Dataset:
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"data.dataset={path!r}: not a readable Parquet file "
                         f"({str(e).splitlines()[0][:120]})") from None
-    # a pandas index saved with the frame is not a feature
-    index_cols = set()
-    meta = table.schema.pandas_metadata or {}
-    for col in meta.get("index_columns", []):
-        if isinstance(col, str):
-            index_cols.add(col)
-    index_cols |= {c for c in table.column_names if c.startswith("__index_level_")}
     if "y" not in table.column_names:
         raise DataError(f"data.dataset={path!r}: no column 'y'; found {table.column_names}")
-    if text_column in table.column_names:  # a text dataset: the other columns are ignored
-        t = table.schema.field(text_column).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)
-                or pa.types.is_string_view(t)):
-            raise DataError(f"{_text_what(path, text_column)}: is {t}, not strings")
-        return _from_texts(str(p), np.array(table.column(text_column).to_pylist(), object),
-                           table.column("y").to_numpy(zero_copy_only=False),
-                           _text_what(path, text_column))
-    feats = [c for c in table.column_names if c != "y" and c not in index_cols]
-    bad = [c for c in feats if not (pa.types.is_integer(table.schema.field(c).type)
-                                    or pa.types.is_floating(table.schema.field(c).type))]
-    if bad:
-        raise DataError(f"data.dataset={path!r}: feature columns must be numeric; "
-                        + ", ".join(f"{c!r} is {table.schema.field(c).type}" for c in bad[:5])
-                        + f" (a text column: name it {text_column!r} or set data.text_column)")
-    if not feats:
-        raise DataError(f"data.dataset={path!r}: no feature columns besides 'y'")
-    y = table.column("y").to_numpy(zero_copy_only=False)
-    x = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
-                  for c in feats], axis=1)
-    return _from_arrays(str(p), x, y)
+    if text_column not in table.column_names:
+        raise DataError(f"data.dataset={path!r}: no text column {text_column!r} (set "
+                        "data.text_column); numeric tables are read through Ray Data by "
+                        "raysl.data.load_dataset")
+    t = table.schema.field(text_column).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+        raise DataError(f"{_text_what(path, text_column)}: is {t}, not strings")
+    return _from_texts(str(p), np.array(table.column(text_column).to_pylist(), object),
+                       table.column("y").to_numpy(zero_copy_only=False),
+                       _text_what(path, text_column))
 
 
 def load_file(path: str, text_column: str = "text") -> Dataset:
-    """A user's data: ``.npz`` with arrays ``x`` and ``y``, or ``.parquet`` with a column ``y``
-    and numeric feature columns (a saved pandas index is not one). ``y``: any labels; -1, empty
-    or null marks unlabeled rows. Text: a ``.csv`` or ``.parquet`` with a string column
-    ``text_column`` (``data.text_column``) and ``y`` (other columns are ignored)."""
+    """A user's file read without Ray: ``.npz`` with arrays ``x`` and ``y`` (``y``: any labels;
+    -1, empty or null marks unlabeled rows), or text: a ``.csv`` or ``.parquet`` with a string
+    column ``text_column`` (``data.text_column``) and ``y`` (other columns are ignored).
+    Numeric tables, folders and globs are read by :mod:`raysl.readers` (see
+    :func:`load_dataset`)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data.dataset={path!r}: file not found (and not one of the named "
@@ -556,15 +541,25 @@ def load_file(path: str, text_column: str = "text") -> Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load ``cfg.dataset`` (a name in :data:`DATASETS` or a file path) and check it."""
+    """Load ``cfg.dataset`` (a name in :data:`DATASETS` or a path) and check it.
+
+    Folders, globs, URIs and numeric .csv / .parquet files (image trees, image manifests) are
+    read through Ray Data by :func:`raysl.readers.read`; ``.npz`` and text files here."""
     looks_like_path = any(s in cfg.dataset for s in ("/", ".npz", ".parquet", ".csv"))
     if cfg.dataset in DATASETS:
         ds = DATASETS[cfg.dataset](cfg)
-    elif looks_like_path:
-        ds = load_file(cfg.dataset, cfg.text_column)
     else:
-        raise DataError(f"data.dataset={cfg.dataset!r}: unknown dataset; allowed: "
-                        f"{', '.join(DATASETS)}, or a path to a .npz / .parquet / .csv file")
+        from raysl.readers import read  # lazy: pyarrow's filesystems, and Ray only to read
+
+        user = read(cfg)  # None: not a reader's (an .npz, a text file, no path at all)
+        if user is not None:
+            ds = user
+        elif looks_like_path:
+            ds = load_file(cfg.dataset, cfg.text_column)
+        else:
+            raise DataError(f"data.dataset={cfg.dataset!r}: unknown dataset; allowed: "
+                            f"{', '.join(DATASETS)}, or a path to a .npz / .parquet / .csv "
+                            "file, a folder, a glob or a URI")
     for part, x in (("x", ds.x), ("x_test", ds.x_test)):
         if x is not None and not np.all(np.isfinite(x)):
             rows = np.where(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]
@@ -585,7 +580,7 @@ def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
             for t in part:
                 h.update(t.encode("utf-8", "surrogatepass") + b"\0")
             h.update(b"\1")
-        h.update(repr(("text", cfg.text_features, cfg.text_dim)).encode())
+        h.update(repr(("text", cfg.text_encoder, cfg.text_features, cfg.text_dim)).encode())
     return h.hexdigest()[:16]
 
 
@@ -619,9 +614,9 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     :data:`BENCHMARK_LABELS_PER_CLASS` per class of fully labeled data. Rows with y = -1 are
     always unlabeled.
 
-    A text dataset (``ds.texts``) becomes feature vectors here (:mod:`raysl.text`): TF-IDF and
-    SVD fitted on the labeled and unlabeled rows' texts only, applied to every row; the split
-    keeps the fitted transform (``text``) and no string.
+    A text dataset (``ds.texts``) becomes feature vectors here (:func:`featurize`): a frozen
+    sentence encoder, or TF-IDF and SVD fitted on the labeled and unlabeled rows' texts only;
+    the split keeps the encoder (``text``) and no string.
     """
     idx_l, idx_u, idx_v, idx_t = split_indices(ds, cfg)
     key = _fingerprint(ds, cfg)
@@ -642,13 +637,22 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
 
 
 def featurize(ds: Dataset, train_rows: np.ndarray, cfg: DataConfig
-              ) -> tuple[Dataset, TextFeatures]:
-    """A text dataset as feature vectors: :class:`~raysl.text.TextFeatures` fitted on the texts
-    of ``train_rows``, applied to every row and the test texts. The result holds no text."""
+              ) -> tuple[Dataset, TextFeatures | SentenceEncoder]:
+    """A text dataset as feature vectors (``data.text_encoder``, :mod:`raysl.text`): the
+    pretrained sentence encoder (frozen; vectors cached under ``data.root``), or
+    :class:`~raysl.text.TextFeatures` fitted on the texts of ``train_rows``; applied to every
+    row and the test texts. The result holds no text."""
     assert ds.texts is not None
-    text = TextFeatures.fit(ds.texts[train_rows], cfg.text_features, cfg.text_dim, cfg.seed)
-    x_test = text(ds.texts_test) if ds.texts_test is not None else None
-    return replace(ds, x=text(ds.texts), x_test=x_test, texts=None, texts_test=None), text
+    if cfg.text_encoder == "tfidf":
+        tfidf = TextFeatures.fit(ds.texts[train_rows], cfg.text_features, cfg.text_dim,
+                                 cfg.seed)
+        x_test = tfidf(ds.texts_test) if ds.texts_test is not None else None
+        return replace(ds, x=tfidf(ds.texts), x_test=x_test, texts=None, texts_test=None), tfidf
+    enc = SentenceEncoder.load(cfg.text_encoder)
+    cache = Path(cfg.root).expanduser() / "text-features"
+    x = encode_cached(enc, ds.texts, cache)
+    x_test = encode_cached(enc, ds.texts_test, cache) if ds.texts_test is not None else None
+    return replace(ds, x=x, x_test=x_test, texts=None, texts_test=None), enc
 
 
 def split_indices(ds: Dataset, cfg: DataConfig

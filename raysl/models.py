@@ -34,6 +34,11 @@ class SmallCNN(nn.Module):
         # 0.54 s instead of 0.73 s (oneDNN's preferred layout); the weights are stored so too
         return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))
 
+    def embed(self, x: Tensor) -> Tensor:
+        """The penultimate layer: (n, c, h, w) -> (n, hidden), the input of the last linear
+        layer (after its ReLU; dropout is the identity in eval mode)."""
+        return self.head[:-1](self.features(x.contiguous(memory_format=torch.channels_last)))
+
 
 class MLP(nn.Module):
     """(n, d) vectors -> (n, n_classes) logits."""
@@ -48,6 +53,27 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The penultimate layer: (n, d) -> (n, hidden), the input of the last linear layer."""
+        return self.net[:-1](x)
+
+
+class Linear(nn.Module):
+    """(n, d) vectors -> (n, n_classes) logits by one linear layer: multinomial logistic
+    regression (``train.hidden = 0``), for features that are already a learned representation
+    (a pretrained text encoder's vectors), where 100 labels are too few to fit an MLP on."""
+
+    def __init__(self, in_features: int, n_classes: int):
+        super().__init__()
+        self.net = nn.Linear(in_features, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The input of the last linear layer: the features themselves, (n, d)."""
+        return x
 
 
 def he_init(model: nn.Module) -> nn.Module:
@@ -66,12 +92,17 @@ def he_init(model: nn.Module) -> nn.Module:
 
 def build_model(input_shape: tuple[int, ...], n_classes: int, hidden: int = 256,
                 init: str = "torch") -> nn.Module:
-    """A CNN for ``(c, h, w)`` inputs, an MLP for ``(d,)`` inputs. ``init``: "torch" (the
-    layers' defaults) or "he" (:func:`he_init`)."""
+    """A CNN for ``(c, h, w)`` inputs, an MLP for ``(d,)`` inputs (``hidden`` 0: one linear
+    layer). ``init``: "torch" (the layers' defaults) or "he" (:func:`he_init`)."""
+    hidden = 256 if hidden < 0 else hidden  # -1: train.hidden's "by the data" (the pipeline
+    # resolves it; a caller without the data gets the width of images and plain vectors)
     if len(input_shape) == 3:
+        if hidden == 0:
+            raise ValueError("train.hidden=0 (a linear classifier) takes vectors, not images")
         model: nn.Module = SmallCNN(input_shape[0], n_classes, hidden)
     elif len(input_shape) == 1:
-        model = MLP(input_shape[0], n_classes, hidden)
+        model = (MLP(input_shape[0], n_classes, hidden) if hidden > 0
+                 else Linear(input_shape[0], n_classes))
     else:
         raise ValueError(f"input_shape={input_shape}: expected (c, h, w) or (d,)")
     if init == "he":

@@ -46,6 +46,9 @@ STAGES: dict[str, Stage] = {
     "backend": Stage(("data.", "backend.name", "backend.calibrate", "backend.{backend}.")),
     "backend:self": Stage(("data.", "backend.name", "backend.calibrate"),
                           upstream=("baseline",)),
+    # the GMM in the baseline classifier's embedding (backend.gmm.features=embedding)
+    "backend:gmm:embedding": Stage(("data.", "backend.name", "backend.calibrate",
+                                    "backend.{backend}."), upstream=("baseline",)),
     "select": Stage(("select.",), upstream=("backend", "baseline")),
     "joint": Stage(("data.", "train."), unless=("data.n_shards",), upstream=("select",)),
 }
@@ -56,10 +59,14 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 
 def stage_name(stage: str, cfg: Config) -> str:
-    """``"backend"`` resolves to ``"backend:<name>"`` when that has an entry of its own."""
-    if stage == "backend" and f"backend:{cfg.backend.name}" in STAGES:
-        return f"backend:{cfg.backend.name}"
-    return stage
+    """``"backend"`` resolves to ``"backend:<name>"`` when that has an entry of its own, and
+    to ``"backend:gmm:embedding"`` for the GMM fitted in the baseline's embedding."""
+    if stage != "backend":
+        return stage
+    b = cfg.backend
+    if b.name == "gmm" and b.gmm.features == "embedding":
+        return "backend:gmm:embedding"
+    return f"backend:{b.name}" if f"backend:{b.name}" in STAGES else stage
 
 
 def is_resource_key(key: str) -> bool:

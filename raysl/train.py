@@ -247,6 +247,36 @@ def predict_proba(model: nn.Module, x: np.ndarray, device: torch.device | str = 
     return torch.cat(out).numpy().astype(np.float64)
 
 
+@torch.no_grad()
+def embed(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The classifier's penultimate-layer embedding (n, hidden) of rows ``x`` (n, ...), float64.
+
+    A row's embedding is a function of the row alone, bit for bit, whatever other rows it is
+    computed with and in whichever process: every forward pass has the same shape (the last
+    batch is padded with zeros) and runs on one torch thread (a row's float32 result can change
+    with the batch size and the thread count; measured on this machine's oneDNN kernels, and
+    tested). So the GMM fitted on embeddings is the same for any sharding. Nodes with other CPU
+    instruction sets may pick other kernels: there the guarantee is equality to rounding."""
+    model.eval()
+    inner = unwrap(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for i in range(0, len(x), batch_size):
+            chunk = torch.from_numpy(np.array(x[i:i + batch_size], np.float32))  # a copy
+            n = len(chunk)
+            if n < batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
+            out.append(inner.embed(chunk)[:n].numpy())
+    finally:
+        torch.set_num_threads(threads)
+    if not out:
+        width = inner.embed(torch.zeros((1, *x.shape[1:]))).shape[1]
+        return np.zeros((0, width))
+    return np.concatenate(out).astype(np.float64)
+
+
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray,
              device: torch.device | str = "cpu") -> float:
     if len(y) == 0:

@@ -61,6 +61,34 @@ def float_labels(d: Path) -> list[str]:
     return ["--set", f"data.dataset={_npz(d / 'd.npz', x=_good_x(), y=y)}"]
 
 
+def csv_without_features(d: Path) -> list[str]:
+    (d / "d.csv").write_text("y\ncat\ndog\n")
+    return ["--set", f"data.dataset={d / 'd.csv'}"]
+
+
+def csv_without_label(d: Path) -> list[str]:
+    (d / "d.csv").write_text("a,b\n1,2\n3,4\n")
+    return ["--set", f"data.dataset={d / 'd.csv'}"]
+
+
+def empty_folder(d: Path) -> list[str]:
+    (d / "empty").mkdir()
+    return ["--set", f"data.dataset={d / 'empty'}"]
+
+
+def empty_class_folder(d: Path) -> list[str]:
+    from PIL import Image
+
+    for folder in ("cat", "dog"):
+        (d / "imgs" / folder).mkdir(parents=True)
+    Image.new("L", (4, 4)).save(d / "imgs" / "dog" / "1.png")
+    return ["--set", f"data.dataset={d / 'imgs'}"]
+
+
+def missing_path(d: Path) -> list[str]:
+    return ["--set", f"data.dataset={d / 'nope.csv'}"]
+
+
 def yaml_syntax(d: Path) -> list[str]:
     (d / "c.yaml").write_text("select:\n  threshold: [0.9\n")
     return ["--config", str(d / "c.yaml")]
@@ -89,6 +117,10 @@ def out_read_only(d: Path) -> list[str]:
     return ["--out", str(d / "ro" / "run")]
 
 
+def linear_on_images(d: Path) -> list[str]:
+    return ["--set", "train.hidden=0"]  # the default data: digits, 8x8 images
+
+
 CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("x of strings", strings_x, r"x has dtype <U1; features must be numbers"),
     ("x of Python objects", object_x, r"array 'x' holds Python objects \(pickled\)"),
@@ -97,6 +129,16 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("string feature column", string_feature_parquet,
      r"feature columns must be numeric; 'name' is (large_)?string"),
     ("float labels", float_labels, r"non-integer numbers \(e\.g\. 0\.5\)"),
+    ("CSV without a numeric feature column", csv_without_features,
+     r"d\.csv': no numeric feature column besides the label 'y'; found \['y'\]"),
+    ("CSV without the label column", csv_without_label,
+     r"d\.csv': no label column 'y' \(set data\.label_column\); found \['a', 'b'\]"),
+    ("empty folder", empty_folder, r"/empty': an empty folder"),
+    ("empty class folder", empty_class_folder,
+     r"imgs': class folder '.*/imgs/cat' holds no images"),
+    ("path that doesn't exist", missing_path, r"nope\.csv': no such file or folder"),
+    ("a linear classifier on images", linear_on_images,
+     r"train\.hidden=0: a linear classifier takes vectors, and 'digits' holds images"),
     ("YAML syntax error", yaml_syntax, r"c\.yaml': not valid YAML at line \d+"),
     ("YAML python tag", yaml_python_tag, r"c\.yaml': not valid YAML .*python/object"),
     ("--out is a file", out_is_a_file, r"--out '.*/f': '.*/f' is a file, not a directory"),
@@ -134,7 +176,8 @@ def _no_ray(*_: object, **__: object) -> bool:
     raise AssertionError("Ray was about to start")
 
 
-def test_a_saved_pandas_index_is_not_a_feature(tmp_path: Path) -> None:
+@pytest.mark.ray  # a numeric .parquet is read through Ray Data (raysl.readers)
+def test_a_saved_pandas_index_is_not_a_feature(tmp_path: Path, ray_session: None) -> None:
     import pandas as pd
 
     from raysl.config import DataConfig

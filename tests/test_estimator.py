@@ -112,4 +112,7 @@ def test_use_ray_runs_the_same_pipeline_on_ray(ray_session: None) -> None:
     # the backend's pseudo-labels are the same on shard actors as in this process
     assert clf.metrics_["pseudo_labels"]["n_selected"] == local.metrics_["pseudo_labels"][
         "n_selected"]
-    assert clf.score(x_test, y_test) > 0.8
+    # and the same training loop: the same accuracy up to float noise (a 2-epoch model, 20
+    # labels: the figure itself is not the point)
+    on_ray, here = clf.score(x_test, y_test), local.score(x_test, y_test)
+    assert abs(on_ray - here) <= 0.01 and on_ray > 0.7, (on_ray, here)

@@ -36,11 +36,12 @@ def _ctx(sp: Split, seed: int = 0) -> FitContext:
     return FitContext(sp.n_classes, sp.input_shape, seed=seed)
 
 
-def _fit(sp: Split, gmm: GMMConfig, n_shards: int, seed: int = 0) -> FitResult:
+def _fit(sp: Split, gmm: GMMConfig, n_shards: int, seed: int = 0,
+         ctx: FitContext | None = None) -> FitResult:
     """The registry's GMM factory over ``n_shards`` ShardWorkers in a LocalExecutor."""
     factory = BACKENDS["gmm"]
     bcfg = BackendConfig(name="gmm", gmm=gmm)
-    ctx = _ctx(sp, seed)
+    ctx = ctx or _ctx(sp, seed)
     workers = [ShardWorker(factory, bcfg, ctx, Shard(x, sp.x_l, sp.y_l, i))
                for i, x in enumerate(shard(sp.x_u, n_shards))]
     return fit(factory(bcfg, ctx), LocalExecutor(workers), sp.x_l, sp.y_l)
@@ -391,3 +392,83 @@ def test_the_cached_projection_follows_the_state(split: Split) -> None:
 def _local_exec(backend: GMMBackend, sh: Shard) -> LocalExecutor:
     worker = ShardWorker(lambda cfg, ctx: backend, None, backend.ctx, sh)
     return LocalExecutor([worker])
+
+
+# -- (7) the GMM in the classifier's embedding (backend.gmm.features=embedding) -------------
+
+
+@pytest.fixture(scope="module")
+def classifier_state(split: Split, one_torch_thread: None) -> dict[str, np.ndarray]:
+    """A classifier trained for 200 steps on the labeled rows: its embedding is the feature
+    space (the exactness tests hold for any weights; trained ones make it a real use)."""
+    from raysl.config import TrainConfig
+    from raysl.train import TrainData, fit_classifier
+
+    cfg = TrainConfig(epochs=2, min_steps=200, hidden=32, fixmatch=False, lambda_u=0.0)
+    data = TrainData(split.x_l, split.y_l, split.x_l[:0], split.y_l[:0], np.zeros(0, np.float32),
+                     split.x_val, split.y_val, len(split.x_u))
+    return fit_classifier(data, cfg, split.input_shape, split.n_classes).state
+
+
+def _embedding_ctx(sp: Split, state: dict[str, np.ndarray]) -> FitContext:
+    return FitContext(sp.n_classes, sp.input_shape, seed=0, hidden=32, classifier_state=state)
+
+
+def _fit_embedding(sp: Split, gmm: GMMConfig, n_shards: int,
+                   state: dict[str, np.ndarray]) -> FitResult:
+    return _fit(sp, gmm, n_shards, ctx=_embedding_ctx(sp, state))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_embedding_features_one_shard_and_four_shards_give_the_same_fit(
+        split: Split, classifier_state: dict[str, np.ndarray], k: int) -> None:
+    gmm = GMMConfig(max_iter=40, features="embedding", components_per_class=k)
+    one = _fit_embedding(split, gmm, 1, classifier_state)
+    four = _fit_embedding(split, gmm, 4, classifier_state)
+    assert one.rounds == four.rounds > 3
+    np.testing.assert_allclose(one.objective, four.objective, rtol=1e-10)
+    for key in ("weights", "means", "covs", "mean", "proj"):
+        np.testing.assert_allclose(one.state[key], four.state[key], rtol=1e-8, atol=1e-10,
+                                   err_msg=key)
+    np.testing.assert_allclose(one.proba, four.proba, rtol=1e-7, atol=1e-10)
+    # the PCA was fitted in the embedding (hidden = 32 columns), not in the 64 input pixels
+    assert one.state["mean"].shape == (32,)
+    # and it differs from the fit in the input space
+    pca = _fit(split, GMMConfig(max_iter=40, components_per_class=k), 1)
+    assert pca.state["mean"].shape == (64,)
+    assert not np.allclose(one.proba, pca.proba)
+
+
+def test_a_row_embeds_the_same_whatever_rows_share_its_batch(
+        split: Split, classifier_state: dict[str, np.ndarray]) -> None:
+    from raysl.models import build_model
+    from raysl.train import embed, state_from_numpy
+
+    model = build_model(split.input_shape, split.n_classes, 32)
+    model.load_state_dict(state_from_numpy(classifier_state))
+    x = split.x_u[:300]
+    whole = embed(model, x)
+    assert whole.shape == (300, 32) and whole.dtype == np.float64
+    for parts in ([x[:1], x[1:]], [x[:7], x[7:123], x[123:]]):
+        np.testing.assert_array_equal(np.concatenate([embed(model, p) for p in parts]), whole)
+    np.testing.assert_array_equal(embed(model, x, batch_size=64), whole)
+    assert embed(model, x[:0]).shape == (0, 32)
+
+
+def test_embedding_features_use_the_unlabeled_rows(
+        split: Split, classifier_state: dict[str, np.ndarray]) -> None:
+    """The EM in the embedding labels the pool better than the classifier it embeds with."""
+    from raysl.models import build_model
+    from raysl.train import predict_proba, state_from_numpy
+
+    model = build_model(split.input_shape, split.n_classes, 32)
+    model.load_state_dict(state_from_numpy(classifier_state))
+    classifier = float((predict_proba(model, split.x_u).argmax(1) == split.y_u).mean())
+    res = _fit_embedding(split, GMMConfig(features="embedding"), 2, classifier_state)
+    acc = float((res.proba.argmax(1) == split.y_u).mean())
+    assert acc >= classifier + 0.01, (acc, classifier)
+
+
+def test_embedding_features_need_the_classifier(split: Split) -> None:
+    with pytest.raises(ValueError, match="classifier"):
+        GMMBackend(GMMConfig(features="embedding"), _ctx(split))

@@ -241,7 +241,8 @@ def test_pipeline_calibrate_keeps_labels_and_changes_confidences(
         split: Split, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from raysl.pipeline import pseudo_label
 
-    base = apply_overrides(Config(), {"backend.name": "gmm", "backend.gmm.max_iter": 5})
+    base = apply_overrides(Config(), {"backend.name": "gmm", "backend.gmm.max_iter": 5,
+                                      "backend.calibrate": False})
     cal = apply_overrides(base, {"backend.calibrate": True})
     plain = pseudo_label(split, base, tmp_path, {}, use_ray=False)
     with caplog.at_level("INFO", logger="raysl"):

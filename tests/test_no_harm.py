@@ -234,7 +234,9 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
 
     split, cfg = _split()
     split = standardize_split(split, 2)
-    bad = replace(cfg, backend=replace(cfg.backend, name="shuffled"))
+    # uncalibrated: the guard alone must stop it (calibration would flatten its confidences
+    # below the threshold by itself: see the end of this test)
+    bad = replace(cfg, backend=replace(cfg.backend, name="shuffled", calibrate=False))
     pl = pipeline.pseudo_label(split, bad, tmp_path, {}, use_ray=False)
     with caplog.at_level("WARNING", logger="raysl"):
         sel, m, guard = pipeline.choose_pseudo_labels(split, bad, pl, baseline_val_accuracy=0.9)
@@ -254,6 +256,13 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
     sel, m, guard = pipeline.choose_pseudo_labels(split, cfg, auto, 0.9)
     assert guard["used"] == "honest" and "lopsided: the kept labels" in guard["rejected"][0]
     assert m["backend"] == "honest" and m["tv_distance"] < 0.25
+    # calibrated (the default), the shuffled backend's confidences fall below the threshold:
+    # wrong on every validation row, its temperature goes to the upper bound
+    cal = replace(bad, backend=replace(bad.backend, calibrate=True))
+    assert cfg.backend.calibrate
+    pl = pipeline.pseudo_label(split, cal, tmp_path, {}, use_ray=False)
+    sel, _, _ = pipeline.choose_pseudo_labels(split, replace(off, backend=cal.backend), pl, 0.9)
+    assert pl["temperature"] > 5 and not sel.mask.any()
 
 
 def test_final_choice_prefers_the_joint_model_unless_the_baseline_is_better() -> None:

@@ -69,6 +69,24 @@ def test_self_backend_actor_fit_equals_local_fit(split) -> None:
     np.testing.assert_allclose(local.proba, remote.proba, rtol=0, atol=1e-6)
 
 
+def test_gmm_in_the_embedding_actor_fit_equals_local_fit(split) -> None:
+    """Each actor embeds its own shard (one torch thread, fixed batch shape): the same
+    features, so the same EM, as the driver's in-process loop."""
+    from raysl.models import build_model
+    from raysl.train import state_to_numpy
+
+    torch.manual_seed(0)
+    state = state_to_numpy(build_model(split.input_shape, split.n_classes, 32).state_dict())
+    ctx = FitContext(split.n_classes, split.input_shape, 0, hidden=32, classifier_state=state)
+    cfg = apply_overrides(Config(), {"backend.gmm.max_iter": 15,
+                                     "backend.gmm.features": "embedding"})
+    local, remote = _fit_both("gmm", split, ctx, cfg, n_shards=2)
+    assert local.rounds == remote.rounds > 1
+    assert local.state["mean"].shape == (32,)  # the PCA ran on the 32-wide embedding
+    np.testing.assert_allclose(local.proba, remote.proba, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(local.objective, remote.objective, rtol=1e-12)
+
+
 def test_vae_actor_fit_equals_local_fit(split) -> None:
     """FedAvg rounds through Ray actors (state via the object store) == the in-process loop."""
     cfg = apply_overrides(Config(), {

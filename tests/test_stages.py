@@ -57,6 +57,16 @@ def test_what_each_stage_depends_on() -> None:
     assert "select.threshold" in closure("joint", gmm)
 
 
+def test_the_gmm_in_the_embedding_depends_on_the_baseline() -> None:
+    """backend.gmm.features=embedding reads the baseline classifier: a change to the baseline
+    refits it; the GMM in the input space stays independent of train.*."""
+    pca = apply_overrides(Config(), {"backend.name": "gmm"})
+    emb = apply_overrides(pca, {"backend.gmm.features": "embedding"})
+    assert "backend.gmm.features" in depends_on("backend", pca)
+    assert set(closure("baseline", emb)) <= set(closure("backend", emb))
+    assert "train.lr" in closure("backend", emb) and "train.lr" not in closure("backend", pca)
+
+
 def test_cache_key_sees_every_element_of_large_arrays_in_mixed_dicts() -> None:
     """numpy abbreviates str() of large arrays with '...': two different arrays printed the
     same. The key must see every byte, at any depth."""
@@ -109,3 +119,17 @@ def test_backend_cache_is_written_through_a_closed_file(digits_split, tmp_path: 
         gc.collect()
     unclosed = [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert unclosed == [], [str(w.message) for w in unclosed]
+
+
+def test_the_embedding_gmm_is_refitted_for_another_baseline(digits_split,
+                                                            tmp_path: Path) -> None:
+    cfg = _fast(**{"backend.gmm.features": "embedding", "backend.gmm.pca_dim": 8})
+    pipeline.baseline(digits_split, cfg, tmp_path)
+    state = pipeline.load_state(tmp_path / "baseline" / "model.pt")
+    first = pipeline.pseudo_label(digits_split, cfg, tmp_path, state)
+    again = pipeline.pseudo_label(digits_split, cfg, tmp_path, state)
+    other = pipeline.pseudo_label(digits_split, cfg, tmp_path,
+                                  {k: v * 1.5 for k, v in state.items()})
+    assert not first["cached"] and again["cached"] and not other["cached"]
+    assert not np.allclose(first["proba"], other["proba"])
+    assert first["proba"].shape == (len(digits_split.x_u), digits_split.n_classes)

@@ -40,9 +40,17 @@ BACKENDS: dict[str, BackendFactory] = {
 AUTO_BACKENDS: tuple[str, ...] = ("self", "gmm")
 
 
+def needs_classifier(cfg: BackendConfig) -> bool:
+    """True when the backend reads the baseline classifier (``FitContext.classifier_state``):
+    ``self``, and ``gmm`` in the classifier's embedding (``backend.gmm.features=embedding``).
+    Its fit then depends on the baseline, and its cache key holds the baseline's weights."""
+    return cfg.name == "self" or (cfg.name == "gmm" and cfg.gmm.features == "embedding")
+
+
 def backend_section(cfg: BackendConfig) -> object:
     """The part of the backend config that changes the fit (its cache key)."""
     return getattr(cfg, cfg.name, None)
 
 
-__all__ = ["AUTO_BACKENDS", "BACKENDS", "Backend", "FitContext", "backend_section"]
+__all__ = ["AUTO_BACKENDS", "BACKENDS", "Backend", "FitContext", "backend_section",
+           "needs_classifier"]

@@ -1,10 +1,14 @@
 """Semi-supervised EM for a Gaussian mixture, with one or more components per class.
 
 Round 0 gathers the raw moments (n, Σx, Σxxᵀ) of every shard plus the labeled rows and fits a
-PCA from them; every later round is one EM step in that PCA space. Labeled rows keep their
-class fixed (responsibilities are zero outside their class's components), unlabeled rows get
-the usual posterior. Shards return sufficient statistics (N_k, Σ r x, Σ r x xᵀ, log-likelihood)
-and the driver does the M-step, so any sharding gives the same fit up to rounding.
+PCA from them; every later round is one EM step in that PCA space. ``features`` says what x is:
+the inputs themselves ("pca"), or the baseline classifier's penultimate-layer embedding
+("embedding", from ``FitContext.classifier_state``), computed by each shard worker on its own
+rows, once, and bit-for-bit the same whatever the sharding (:func:`raysl.train.embed`).
+Labeled rows keep their class fixed (responsibilities are zero outside their class's
+components), unlabeled rows get the usual posterior. Shards return sufficient statistics
+(N_k, Σ r x, Σ r x xᵀ, log-likelihood) and the driver does the M-step, so any sharding gives
+the same fit up to rounding.
 
 The covariances carry a prior, log p(Σ_k) = -ρ/2 · tr(Σ_k⁻¹), whose MAP M-step is
 Σ_k = (S_k + ρI) / N_k. It keeps Σ_k positive definite with few rows, and because the M-step
@@ -127,10 +131,26 @@ class GMMBackend:
         self._y_l: np.ndarray | None = None
         # (shard, mean, proj, projected rows): see _projected
         self._z_cache: tuple[Shard, np.ndarray, np.ndarray, np.ndarray] | None = None
+        # (shard, its embedding (n_i, hidden)): see _shard_features
+        self._f_cache: tuple[Shard, np.ndarray] | None = None
+        self._net: Any = None  # the classifier whose penultimate layer is the feature space
+        if cfg.features == "embedding":
+            if ctx.classifier_state is None:
+                raise ValueError("backend.gmm.features='embedding' needs the baseline "
+                                 "classifier (FitContext.classifier_state)")
+            from raysl.models import build_model  # lazy: torch only for these features
+            from raysl.train import state_from_numpy
+
+            self._net = build_model(ctx.input_shape, ctx.n_classes, ctx.hidden)
+            self._net.load_state_dict(state_from_numpy(ctx.classifier_state))
+            self._net.eval()
+        elif cfg.features != "pca":
+            raise ValueError(f"backend.gmm.features={cfg.features!r}: expected 'pca' or "
+                             "'embedding'")
 
     # -- driver side -------------------------------------------------------------------
     def init(self, x_l: np.ndarray, y_l: np.ndarray) -> None:
-        self._x_l, self._y_l = x_l, y_l
+        self._x_l, self._y_l = self.features(x_l), y_l  # the labeled rows' features (n_l, D)
         self.state = {"phase": "moments", "iter": 0, "objective": -np.inf}
 
     @property
@@ -143,8 +163,8 @@ class GMMBackend:
             self._init_from_moments([moments(self._x_l), *stats])
             return -np.inf
         st = self.state
-        labeled = e_step(self._project(self._x_l), self._y_l, st["weights"], st["means"],
-                         st["covs"], self.comp_class)
+        labeled = e_step(self._project_features(self._x_l), self._y_l, st["weights"],
+                         st["means"], st["covs"], self.comp_class)
         total = sum(stats, labeled)
         objective = total.loglik + log_prior(st["covs"], st["rho"])
         weights, means, covs = m_step(total, st["rho"])
@@ -168,7 +188,7 @@ class GMMBackend:
         sxx = sum(p[2] for p in parts)
         mean, proj, evals = pca_from_moments(n, sx, sxx, self.cfg.pca_dim)
         self.state.update(mean=mean, proj=proj)
-        z_l = self._project(self._x_l)
+        z_l = self._project_features(self._x_l)
         d, k = proj.shape[1], self.cfg.components_per_class
         rng = np.random.default_rng(self.ctx.seed)
         # Means start at the labeled class means (spread by a little noise when a class has
@@ -190,7 +210,7 @@ class GMMBackend:
     # -- worker side -------------------------------------------------------------------
     def shard_stats(self, shard: Shard) -> Any:
         if self.state["phase"] == "moments":
-            return moments(shard.x_u)
+            return moments(self._shard_features(shard))
         st = self.state
         y = np.full(len(shard.x_u), -1)
         return e_step(self._projected(shard), y, st["weights"], st["means"], st["covs"],
@@ -203,12 +223,35 @@ class GMMBackend:
         st, c = self.state, self._z_cache
         if (c is None or c[0] is not shard or not np.array_equal(c[1], st["mean"])
                 or not np.array_equal(c[2], st["proj"])):
-            c = self._z_cache = (shard, st["mean"], st["proj"], self._project(shard.x_u))
+            c = self._z_cache = (shard, st["mean"], st["proj"],
+                                 self._project_features(self._shard_features(shard)))
         return c[3]
 
+    def _shard_features(self, shard: Shard) -> np.ndarray:
+        """The shard's rows as features (n_i, D). Embeddings are computed once per shard and
+        kept (they don't depend on the state); inputs are only reshaped, not copied."""
+        if self._net is None:
+            return shard.x_u.reshape(len(shard.x_u), -1)
+        if self._f_cache is None or self._f_cache[0] is not shard:
+            self._f_cache = (shard, self.features(shard.x_u))
+        return self._f_cache[1]
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Rows ``x`` (n, ...) in the space the PCA is fitted in: (n, D) float64, D the
+        flattened input size or the classifier's hidden width."""
+        if self._net is None:
+            return x.reshape(len(x), -1).astype(np.float64)
+        from raysl.train import embed
+
+        return embed(self._net, x)
+
+    def _project_features(self, f: np.ndarray) -> np.ndarray:
+        """Features (n, D) -> the PCA space (n, d)."""
+        return (f.astype(np.float64) - self.state["mean"]) @ self.state["proj"]
+
     def _project(self, x: np.ndarray) -> np.ndarray:
-        x = x.reshape(len(x), -1).astype(np.float64)
-        return (x - self.state["mean"]) @ self.state["proj"]
+        """Rows ``x`` (n, ...) -> the PCA space (n, d)."""
+        return self._project_features(self.features(x))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         st = self.state

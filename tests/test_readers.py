@@ -1,0 +1,396 @@
+"""User data through Ray Data (raysl.readers), on small real files: scikit-learn's digits as PNGs
+in a class-folder tree (with an unlabeled/ folder) and in a manifest, wine as a CSV with the
+cultivars' names and some empty labels, and as a folder of Parquet files. Bad input that only
+decoding shows (mixed sizes, broken images) is here; what the listing and headers show is
+checked before Ray starts (also rows of tests/test_bad_input.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from raysl.config import DataConfig
+from raysl.data import Dataset, load_dataset
+from raysl.errors import DataError
+
+NAMES = ["zero", "one", "two"]  # digits 0, 1, 2 in folders named so
+CULTIVARS = np.array(["barolo", "grignolino", "barbera"], dtype=object)  # wine's 3 classes
+
+
+def needs_ray(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The test reads through Ray Data: in the session's one Ray (tests/conftest.py)."""
+    return pytest.mark.ray(pytest.mark.usefixtures("ray_session")(f))
+
+
+def _u8(img: np.ndarray) -> np.ndarray:
+    """A digits image (8x8, values 0..16) as the uint8 pixels its PNG holds."""
+    return np.round(img * 255 / 16).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple]]:
+    """ROOT/<name>/*.png: 8 labeled digits per class; ROOT/unlabeled/** 10 more, some in a
+    subfolder; a README and a stray .txt that are not images. Returns the root and, per image
+    path, (uint8 pixels (8, 8), label name or "")."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path_factory.mktemp("tree")
+    want: dict[str, tuple] = {}
+    for c, name in enumerate(NAMES):
+        rows = np.where(d.target == c)[0]
+        (root / name).mkdir()
+        for i in rows[:8]:
+            p = root / name / f"{i:04d}.png"
+            Image.fromarray(_u8(d.images[i])).save(p)
+            want[str(p)] = (_u8(d.images[i]), name)
+        for j, i in enumerate(rows[8:11]):
+            folder = root / "unlabeled" / ("batch" if j else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            p = folder / f"{i:04d}.png"
+            Image.fromarray(_u8(d.images[i])).save(p)
+            want[str(p)] = (_u8(d.images[i]), "")
+    (root / "README.txt").write_text("digits 0-2\n")
+    (root / "one" / "notes.txt").write_text("not an image\n")
+    return root, want
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """wine.csv: the 13 features and ``y`` = the cultivar's name, every 4th row empty; the
+    same rows in parts/part-{0,1,2}.parquet (empty labels as nulls) with a _SUCCESS file."""
+    from sklearn.datasets import load_wine
+
+    w = load_wine(as_frame=True)
+    df = w.data.copy()
+    y = CULTIVARS[w.target.to_numpy()]
+    y[::4] = ""
+    df["y"] = y
+    d = tmp_path_factory.mktemp("wine")
+    df.to_csv(d / "wine.csv", index=False)
+    (d / "parts").mkdir()
+    for k, (a, b) in enumerate([(0, 50), (50, 120), (120, len(df))]):
+        part = df.iloc[a:b].copy()
+        part["y"] = part["y"].replace("", None)
+        part.to_parquet(d / "parts" / f"part-{k}.parquet", index=False)
+    (d / "parts" / "_SUCCESS").write_text("")
+    return d, df
+
+
+def _names(ds: Dataset) -> list[str]:
+    """Each row's label as the user wrote it ("" for unlabeled)."""
+    assert ds.classes is not None
+    return ["" if c < 0 else str(ds.classes[c]) for c in ds.y]
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+@needs_ray
+def test_image_tree_rows_labels_and_pixels(tree: tuple[Path, dict[str, tuple]]) -> None:
+    root, want = tree
+    ds = load_dataset(DataConfig(dataset=str(root)))
+    paths = sorted(want)  # row order: the images' sorted paths
+    assert ds.x.shape == (len(paths), 1, 8, 8) and ds.x.dtype == np.float32
+    assert list(ds.classes) == sorted(NAMES)
+    assert _names(ds) == [want[p][1] for p in paths]
+    assert (ds.y == -1).sum() == 9
+    for k, p in enumerate(paths):
+        np.testing.assert_array_equal(ds.x[k, 0], want[p][0] / np.float32(255.0))
+
+
+@needs_ray
+def test_folder_names_stay_strings_and_rgb_is_kept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for folder in ("7", "12", "unlabeled"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            a = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)  # h=6, w=5, RGB
+            Image.fromarray(a).save(tmp_path / folder / f"{i}.png")
+            pixels[str(tmp_path / folder / f"{i}.png")] = a
+    ds = load_dataset(DataConfig(dataset=str(tmp_path)))
+    assert list(ds.classes) == ["12", "7"]  # the folder names, not numbers
+    assert ds.x.shape == (6, 3, 6, 5)
+    for k, p in enumerate(sorted(pixels)):
+        np.testing.assert_array_equal(ds.x[k], pixels[p].transpose(2, 0, 1) / np.float32(255))
+    small = load_dataset(DataConfig(dataset=str(tmp_path), image_size=4))
+    assert small.x.shape == (6, 3, 4, 4)
+
+
+@needs_ray
+def test_manifest_rows_follow_the_manifest(tree: tuple[Path, dict[str, tuple]],
+                                           tmp_path: Path) -> None:
+    root, want = tree
+    paths = sorted(want)[::-1][:12]  # any order; the manifest's is the rows'
+    rel = [str(Path(p).relative_to(root)) for p in paths]
+    rel[0] = paths[0]  # an absolute path too
+    labels = [want[p][1] for p in paths]
+    labels[1] = ""  # an empty label: unlabeled, whatever the folder
+    (root / "lists").mkdir(exist_ok=True)
+    manifest = root / "lists" / "m.csv"
+    pd.DataFrame({"path": ["../" + r if not r.startswith("/") else r for r in rel],
+                  "label": labels}).to_csv(manifest, index=False)
+    ds = load_dataset(DataConfig(dataset=str(manifest)))
+    assert _names(ds) == labels
+    for k, p in enumerate(paths):
+        np.testing.assert_array_equal(ds.x[k, 0], want[p][0] / np.float32(255.0))
+
+
+@needs_ray
+def test_mixed_image_sizes_name_two_files(tmp_path: Path) -> None:
+    for folder, size in (("a", (8, 8)), ("b", (9, 7))):
+        (tmp_path / folder).mkdir()
+        Image.new("L", size).save(tmp_path / folder / "x.png")
+    with pytest.raises(DataError, match=r"images of different sizes: .*/a/x\.png is 8x8 and "
+                       r".*/b/x\.png is 7x9 \(height x width\); set data\.image_size"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+    ds = load_dataset(DataConfig(dataset=str(tmp_path), image_size=8))
+    assert ds.x.shape == (2, 1, 8, 8)
+
+
+@needs_ray
+@pytest.mark.parametrize("broken", ["garbage", "truncated"])
+def test_an_image_that_fails_to_decode_is_named(broken: str, tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((16, 16), 200, np.uint8)).save(tmp_path / folder / "ok.png")
+    good = (tmp_path / "a" / "ok.png").read_bytes()
+    bad = b"not an image" if broken == "garbage" else good[: len(good) // 2]
+    (tmp_path / "b" / "z.png").write_bytes(bad)
+    with pytest.raises(DataError, match=r"/b/z\.png: not a readable image"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+
+
+# -- tables --------------------------------------------------------------------------------
+
+
+@needs_ray
+def test_wine_csv_with_names_and_empty_labels(wine: tuple[Path, pd.DataFrame]) -> None:
+    d, df = wine
+    ds = load_dataset(DataConfig(dataset=str(d / "wine.csv")))
+    np.testing.assert_array_equal(ds.x, df.drop(columns="y").to_numpy(np.float32))
+    assert list(ds.classes) == sorted(CULTIVARS)
+    assert _names(ds) == df["y"].tolist()
+    assert (ds.y == -1).sum() == 45
+
+
+@needs_ray
+def test_csv_parquet_folder_and_glob_give_the_same_arrays(wine: tuple[Path, pd.DataFrame]
+                                                          ) -> None:
+    d, _ = wine
+    read = [load_dataset(DataConfig(dataset=s)) for s in
+            (str(d / "wine.csv"), str(d / "parts"), str(d / "parts" / "part-*.parquet"))]
+    for other in read[1:]:
+        np.testing.assert_array_equal(other.x, read[0].x)
+        np.testing.assert_array_equal(other.y, read[0].y)
+        np.testing.assert_array_equal(other.classes, read[0].classes)
+
+
+@needs_ray
+def test_ids_are_stable_and_in_source_order(wine: tuple[Path, pd.DataFrame]) -> None:
+    """The Ray Dataset the later streaming step keeps: id = file rank × 2^32 + row in file."""
+    from raysl.readers import plan
+
+    d, _ = wine
+    p = plan(DataConfig(dataset=str(d / "parts")))
+    assert p is not None
+    ids = [sorted(r["id"] for r in p.dataset().select_columns(["id"]).take_all())
+           for _ in range(2)]
+    want = [k * 2**32 + r for k, n in enumerate([50, 70, 58]) for r in range(n)]
+    assert ids[0] == ids[1] == want
+
+
+@needs_ray
+def test_label_and_feature_columns(wine: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    _, df = wine
+    frame = df.rename(columns={"y": "cultivar"}).assign(note="tasted", code=0)
+    frame["code"] = [("" if i % 5 == 0 else str(i % 3)) for i in range(len(frame))]
+    frame.to_csv(tmp_path / "w.csv", index=False)
+    ds = load_dataset(DataConfig(dataset=str(tmp_path / "w.csv"), label_column="cultivar",
+                                 feature_columns=("ash", "alcohol")))
+    np.testing.assert_array_equal(ds.x, df[["ash", "alcohol"]].to_numpy(np.float32))
+    assert _names(ds) == df["y"].tolist()
+    # integer labels in a CSV, some empty: numbers 0..2, so no class mapping is needed
+    ints = load_dataset(DataConfig(dataset=str(tmp_path / "w.csv"), label_column="code",
+                                   feature_columns=("ash",)))
+    assert ints.classes is None and ints.n_classes == 3
+    assert ints.y.tolist() == [-1 if i % 5 == 0 else i % 3 for i in range(len(frame))]
+
+
+# -- bad input seen before Ray starts --------------------------------------------------------
+
+
+def _first_image_broken(d: Path) -> str:
+    (d / "a").mkdir()
+    (d / "a" / "0.png").write_bytes(b"garbage")
+    return str(d)
+
+
+def _no_class_folders(d: Path) -> str:
+    (d / "unlabeled").mkdir()
+    Image.new("L", (4, 4)).save(d / "unlabeled" / "0.png")
+    return str(d)
+
+
+def _unknown_feature(d: Path) -> str:
+    (d / "t.csv").write_text("a,y\n1,cat\n")
+    return str(d / "t.csv")
+
+
+def _string_feature(d: Path) -> str:
+    (d / "t.csv").write_text("a,name,y\n1,x,cat\n")
+    return str(d / "t.csv")
+
+
+def _manifest_missing_image(d: Path) -> str:
+    (d / "m.csv").write_text("path,label\nnope.png,cat\n")
+    return str(d / "m.csv")
+
+
+def _manifest_twice(d: Path) -> str:
+    Image.new("L", (4, 4)).save(d / "0.png")
+    (d / "m.csv").write_text("path,label\n0.png,cat\n./0.png,dog\n")
+    return str(d / "m.csv")
+
+
+def _npz_folder(d: Path) -> str:
+    np.savez(d / "a.npz", x=np.zeros((2, 2)), y=np.zeros(2))
+    return str(d)
+
+
+def _glob_matches_nothing(d: Path) -> str:
+    return str(d / "*.parquet")
+
+
+BEFORE_RAY = [
+    (_first_image_broken, DataConfig(), r"/a/0\.png: not a readable image"),
+    (_no_class_folders, DataConfig(), r"no class folders: expected ROOT/<class>/"),
+    (_unknown_feature, DataConfig(feature_columns=("b",)),
+     r"t\.csv': data\.feature_columns \['b'\] not found; found \['a', 'y'\]"),
+    (_string_feature, DataConfig(),
+     r"feature columns must be numeric; 'name' is string \(choose the features with "
+     r"data\.feature_columns\), or for text data: no text column 'text'"),
+    (_manifest_missing_image, DataConfig(), r"1 listed images don't exist \(first: 'nope\.png'"),
+    (_manifest_twice, DataConfig(), r"'\./0\.png' is listed twice \(rows 0 and 1\)"),
+    (_npz_folder, DataConfig(), r"expected \.parquet files or \.csv files, found 1 other"),
+    (_glob_matches_nothing, DataConfig(), r"the pattern matches no file"),
+]
+
+
+@pytest.mark.parametrize(("make", "cfg", "needle"), BEFORE_RAY,
+                         ids=[m.__name__.strip("_") for m, _, _ in BEFORE_RAY])
+def test_bad_input_fails_before_ray_starts(make: Callable[[Path], str], cfg: DataConfig,
+                                           needle: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    import raysl.distributed.session as session
+
+    def no_ray(*_: object) -> bool:
+        raise AssertionError("Ray was about to start")
+
+    monkeypatch.setattr(session, "ensure_ray", no_ray)
+    with pytest.raises(DataError, match=needle):
+        load_dataset(replace(cfg, dataset=make(tmp_path)))
+
+
+# -- one Ray session per run ---------------------------------------------------------------
+
+
+def test_a_run_starts_its_ray_at_ray_address_before_the_read(
+        wine: tuple[Path, pd.DataFrame], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``raysl run`` on a user's file joins ``ray.address`` (cfg.ray) before the read, once the
+    reader's plan has passed; named datasets, ``.npz`` files and ``ray.enabled=false`` start
+    nothing here, and bad input fails before Ray."""
+    import raysl.distributed.session as session
+    from raysl import pipeline
+    from raysl.config import Config, apply_overrides
+
+    started: list[str] = []
+
+    def ensure(cfg: Any) -> bool:
+        started.append(cfg.address)
+        return True
+
+    monkeypatch.setattr(session, "ensure_ray", ensure)
+    csv = str(wine[0] / "wine.csv")
+    joined = apply_overrides(Config(), {"data.dataset": csv, "ray.address": "10.0.0.5:6379"})
+    assert pipeline.start_ray_for_data(joined) and started == ["10.0.0.5:6379"]
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2)), y=np.zeros(4))
+    for overrides in ({"data.dataset": "digits"}, {"data.dataset": str(tmp_path / "d.npz")},
+                      {"data.dataset": csv, "ray.enabled": False}):
+        assert not pipeline.start_ray_for_data(apply_overrides(Config(), overrides))
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="no label column 'y'"):
+        pipeline.start_ray_for_data(apply_overrides(Config(), {
+            "data.dataset": str(tmp_path / "t.csv")}))
+    assert started == ["10.0.0.5:6379"]
+
+
+def test_a_run_stops_the_ray_it_started_when_the_data_fails(
+        wine: tuple[Path, pd.DataFrame], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from raysl import pipeline
+    from raysl.config import Config, apply_overrides
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(pipeline, "start_ray_for_data", lambda cfg: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+
+    def bad(cfg: Any, dataset: Any = None) -> Any:
+        raise DataError("found in the read")
+
+    monkeypatch.setattr(pipeline, "check", bad)
+    cfg = apply_overrides(Config(), {"data.dataset": str(wine[0] / "wine.csv")})
+    with pytest.raises(DataError, match="found in the read"):
+        pipeline.run(cfg, tmp_path / "out")
+    assert stopped == [True] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("entry", ["cli", "api"])
+def test_a_user_file_run_starts_one_ray_session(entry: str, wine: tuple[Path, pd.DataFrame],
+                                                tmp_path: Path) -> None:
+    """``raysl pseudo-label`` (or ``raysl.run``) on a CSV, in a fresh process: the read runs in
+    the run's own Ray (one ``ray.init``), not in one started and stopped for it. About 30 s."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, ray\n"
+            "calls = []\n"
+            "real = ray.init\n"
+            "def init(*a, **k):\n"
+            "    calls.append(k.get('address'))\n"
+            "    return real(*a, **k)\n"
+            "ray.init = init\n"
+            + ("from raysl.cli import main\n"
+               "rc = main(sys.argv[1:])\n" if entry == "cli" else
+               "import raysl\n"
+               "a = sys.argv[1:]\n"
+               "kw = {k.replace('.', '__'): v for k, v in (x.split('=', 1) for x in a[4::2])}\n"
+               "raysl.run(out=a[2], **kw)\n"
+               "rc = 0\n")
+            +
+            "print('RAY_INIT', len(calls))\n"
+            "sys.exit(rc)\n")
+    args = ["pseudo-label", "--out", str(tmp_path / "out")] + [
+        a for kv in (f"data.dataset={wine[0] / 'wine.csv'}", "backend.name=gmm",
+                     "backend.gmm.max_iter=3", "train.epochs=1", "train.min_steps=5",
+                     "train.num_workers=0", "ray.num_cpus=2") for a in ("--set", kv)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RAY_INIT 1" in r.stdout.splitlines()[-1], r.stdout[-2000:]
+    assert (tmp_path / "out" / "pseudo_labels.parquet").is_file()
+    if entry == "api":  # the whole pipeline ran
+        assert (tmp_path / "out" / "model.pt").is_file()
