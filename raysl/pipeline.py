@@ -69,6 +69,7 @@ def check(cfg: Config, dataset: Dataset | None = None) -> Split:
     before Ray starts. ``dataset``: in-memory data instead of ``cfg.data.dataset``."""
     _check_names(cfg)  # before loading the data: a typo fails at once
     split = make_split(dataset if dataset is not None else load_dataset(cfg.data), cfg.data)
+    _check_model(split, cfg)
     return _standardized(split, cfg)
 
 
@@ -103,15 +104,20 @@ def prepare(split: Split, cfg: Config) -> Split:
     """A split made elsewhere (e.g. by the estimator), checked and standardized as
     :func:`check` does."""
     _check_names(cfg)
+    _check_model(split, cfg)
     return _standardized(split, cfg)
 
 
 def _standardized(split: Split, cfg: Config) -> Split:
+    return standardize_split(split, cfg.data.n_shards) if cfg.data.standardize else split
+
+
+def _check_model(split: Split, cfg: Config) -> None:
+    """The classifier the config asks for fits the data's shape (before any training)."""
     if len(split.input_shape) == 3 and cfg.train.hidden == 0:
         raise ConfigError(f"train.hidden=0: a linear classifier takes vectors, and "
                           f"{cfg.data.dataset!r} holds images {split.input_shape}; use -1 (by "
                           "the data) or a width > 0")
-    return standardize_split(split, cfg.data.n_shards) if cfg.data.standardize else split
 
 
 def check_out(out: Path) -> None:

@@ -27,6 +27,7 @@ transform as JSON (vocabulary, idf) plus ``.npz`` (SVD components), no pickle;
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from raysl.errors import DataError
+from raysl.io import sha256_file
 
 logger = logging.getLogger("raysl")
 
@@ -158,11 +160,15 @@ TEXT_ENCODERS = ("minilm", "tfidf")  # or a path to a sentence-transformers mode
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The weights' SHA-256, hashed once per file version in a process (90 MB for MiniLM:
+    every split of a benchmark would hash it again)."""
+    st = path.stat()
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 def _bundled_folder(name: str) -> Path:
