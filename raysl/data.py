@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -573,8 +574,7 @@ def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
     for a in (ds.x, ds.y, ds.x_test, ds.y_test):
         if a is not None:
             h.update(np.ascontiguousarray(a).tobytes())
-    h.update(repr((cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction,
-                   cfg.seed)).encode())
+    h.update(_fingerprint_params(cfg).encode())
     if ds.texts is not None:  # the texts and how they become features
         for part in (ds.texts, ds.texts_test if ds.texts_test is not None else []):
             for t in part:
@@ -582,6 +582,11 @@ def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
             h.update(b"\1")
         h.update(repr(("text", cfg.text_encoder, cfg.text_features, cfg.text_dim)).encode())
     return h.hexdigest()[:16]
+
+
+def _fingerprint_params(cfg: DataConfig) -> str:
+    """The split's parameters, as every split key hashes them."""
+    return repr((cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction, cfg.seed))
 
 
 # data.labels_per_class=0 on fully labeled (benchmark) data: this many per class
@@ -708,5 +713,26 @@ def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
 
 
 def shard(x: np.ndarray, n_shards: int) -> list[np.ndarray]:
-    """Split rows of ``x`` (n, ...) into ``n_shards`` contiguous views."""
+    """Split rows of ``x`` (n, ...) into ``n_shards`` contiguous views; rows held in the object
+    store (:class:`Remote`) come as the shards they were routed to."""
+    if isinstance(x, Remote):
+        return x.shards(n_shards)  # type: ignore[return-value]
     return [x[a:b] for a, b in shard_bounds(len(x), n_shards)]
+
+
+@runtime_checkable
+class Remote(Protocol):
+    """Rows ``(n, ...)`` held elsewhere, in place of an array: a split's pool and test set read
+    by :func:`raysl.distributed.pool.distribute` (``RemoteRows``). ``len``, a boolean mask
+    and :func:`shard` work on it; :func:`materialize` fetches the rows."""
+
+    def __len__(self) -> int: ...
+
+    def shards(self, n: int) -> list[Remote]: ...
+
+    def fetch(self) -> np.ndarray: ...
+
+
+def materialize(x: np.ndarray | Remote) -> np.ndarray:
+    """``x`` as an array: the rows of a :class:`Remote` fetched here, an array as it is."""
+    return x.fetch() if isinstance(x, Remote) else x

@@ -28,6 +28,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 from raysl.backends import AUTO_BACKENDS, BACKENDS, FitContext, needs_classifier
 from raysl.backends.base import FitResult, LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, TrainConfig, dump_yaml
-from raysl.data import Dataset, Split, load_dataset, make_split, shard
+from raysl.data import Dataset, Remote, Split, load_dataset, make_split, shard
 from raysl.errors import ConfigError
 from raysl.io import sha256_file, write_json, write_npz, write_text, write_with
 from raysl.metrics import expected_calibration_error, pseudo_label_metrics
@@ -68,9 +69,31 @@ def check(cfg: Config, dataset: Dataset | None = None) -> Split:
     """Validate names and data and build the split: everything that can fail on bad input,
     before Ray starts. ``dataset``: in-memory data instead of ``cfg.data.dataset``."""
     _check_names(cfg)  # before loading the data: a typo fails at once
-    split = make_split(dataset if dataset is not None else load_dataset(cfg.data), cfg.data)
+    split = _split_in_store(cfg) if dataset is None else None
+    if split is None:
+        split = make_split(dataset if dataset is not None else load_dataset(cfg.data), cfg.data)
     _check_model(split, cfg)
     return _standardized(split, cfg)
+
+
+def _split_in_store(cfg: Config) -> Split | None:
+    """A user's files read by a reader of :mod:`raysl.readers` in a run on Ray (``ray.enabled``
+    and a session up, as :func:`start_ray_for_data` makes it): the split with the unlabeled
+    pool and the test set left in Ray's object store, where shard actors, Train workers and
+    evaluation tasks fetch their rows (:func:`raysl.distributed.pool.distribute`); the driver
+    holds the labeled and validation rows. None otherwise: the data is read into memory."""
+    from raysl.data import DATASETS
+
+    if not cfg.ray.enabled or cfg.data.dataset in DATASETS:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from raysl.readers import plan
+
+    p = plan(cfg.data)
+    return None if p is None else p.split(cfg.data.dataset, cfg.data)
 
 
 def start_ray_for_data(cfg: Config) -> bool:
@@ -211,7 +234,7 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     record = {
         "key": key,
         "files": {"model.pt": sha256_file(d / "model.pt")},  # checked on every reuse
-        "test_accuracy": accuracy(model, split.x_test, split.y_test),
+        "test_accuracy": test_accuracy(model, outcome.state, split, cfg),
         "val_accuracy": _accuracy(val_proba, split.y_val),
         "val_ece": expected_calibration_error(val_proba, split.y_val),
         "seconds": outcome.seconds,
@@ -223,6 +246,18 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     write_json(record_path, json_safe(record))  # last: its presence marks the stage done
     record["cached"] = False
     return record
+
+
+def test_accuracy(model: torch.nn.Module, state: dict[str, np.ndarray], split: Split,
+                  cfg: Config) -> float:
+    """The model's accuracy on the test split (NaN without test rows); a test set left in the
+    object store is predicted by tasks where it lives (``state``: the model's weights)."""
+    if len(split.y_test) and isinstance(split.x_test, Remote):
+        build = partial(build_model, split.input_shape, split.n_classes,
+                        model_width(cfg.train, split))
+        pred = split.x_test.predict(state, build)  # type: ignore[attr-defined]
+        return float((pred == split.y_test).mean())
+    return accuracy(model, split.x_test, split.y_test)
 
 
 def verified_record(d: Path, key: str | None = None) -> dict[str, Any] | None:
@@ -611,6 +646,9 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
             "n_test": len(split.y_test), "split_key": split.key,
             "n_hidden_labels": int((split.y_u >= 0).sum()),  # what pool figures are against
             "standardized": split.standardizer is not None,
+            # where the unlabeled pool and test set are: "object store" for a user's files
+            # read in a run on Ray (raysl.distributed.pool), else "driver"
+            "pool": "object store" if isinstance(split.x_u, Remote) else "driver",
             "input_shape": list(split.input_shape),
             "text_encoder": None if split.text is None else cfg.data.text_encoder}}
         base, pl = upstream if upstream is not None else (baseline(split, cfg, out), None)

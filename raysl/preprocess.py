@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -104,11 +104,17 @@ def standardize_split(split: Split, n_shards: int) -> Split:
     """The split with every x standardized by statistics of its training rows: the labeled rows
     and the ``n_shards`` unlabeled shards (as the shard actors see them). Images and splits that
     are already standardized come back unchanged."""
-    from raysl.data import shard
+    from raysl.data import Remote, shard
 
     if len(split.input_shape) != 1 or split.standardizer is not None:
         return split
-    st = Standardizer.fit([split.x_l, *shard(split.x_u, n_shards)])
+    pool = (split.x_u.moments() if isinstance(split.x_u, Remote)  # type: ignore[attr-defined]
+            else [Moments.of(s) for s in shard(split.x_u, n_shards)])
+    st = Standardizer.from_moments([Moments.of(split.x_l), *pool])
     key = hashlib.sha256(f"{split.key}:standardized".encode()).hexdigest()[:16]
-    return replace(split, x_l=st(split.x_l), x_u=st(split.x_u), x_val=st(split.x_val),
-                   x_test=st(split.x_test), standardizer=st, key=key)
+
+    def apply(x: Any) -> Any:  # rows in the object store are standardized where fetched
+        return x.with_transform(st) if isinstance(x, Remote) else st(x)
+
+    return replace(split, x_l=st(split.x_l), x_u=apply(split.x_u), x_val=st(split.x_val),
+                   x_test=apply(split.x_test), standardizer=st, key=key)

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,15 @@ class TrainData:
     # the backend's label and confidence for every row of x_u (cfg.offline = "prior")
     prior_label: np.ndarray | None = None  # (n_u,) int64
     prior_conf: np.ndarray | None = None  # (n_u,) float32
+
+    def fetched(self) -> TrainData:
+        """This data with rows left in Ray's object store (``x_p``, ``x_u`` of a split read by
+        :func:`raysl.distributed.pool.distribute`) fetched as arrays, where this runs: a Ray
+        Train worker, not the driver."""
+        from raysl.data import materialize
+
+        return replace(self, x_p=materialize(self.x_p),
+                       x_u=None if self.x_u is None else materialize(self.x_u))
 
 
 def steps_per_epoch(n_u: int, cfg: TrainConfig, world_size: int) -> int:

@@ -305,6 +305,7 @@ def test_two_nodes_share_actors_and_train_workers(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["cluster_nodes"] == 2
+    assert m["data"]["pool"] == "object store"  # Parquet files: the driver fetched no row
     assert m["pseudo_labels"]["nodes"] == 2  # one shard actor on each node
     assert m["baseline"]["nodes"] == m["joint"]["nodes"] == 2  # one DDP rank on each node
     assert (tmp_path / "out" / "metrics.json").is_file()

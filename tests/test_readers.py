@@ -194,6 +194,61 @@ def test_csv_parquet_folder_and_glob_give_the_same_arrays(wine: tuple[Path, pd.D
 
 
 @needs_ray
+@pytest.mark.parametrize("which", ["images", "parquet"])
+def test_a_split_left_in_the_object_store_has_the_collected_rows(
+        which: str, tree: tuple[Path, dict[str, tuple]], wine: tuple[Path, pd.DataFrame]) -> None:
+    """Issue 13, item 3: the pool and test set left in Ray's object store (what a run on Ray
+    does with a user's files) hold the rows, shards and standardization of the split made
+    from the collected data, bit for bit; only the labeled and validation rows are arrays."""
+    from raysl.data import make_split, materialize, shard
+    from raysl.distributed.pool import RemoteRows
+    from raysl.preprocess import standardize_split
+    from raysl.readers import plan
+
+    spec = str(tree[0]) if which == "images" else str(wine[0] / "parts")
+    cfg = DataConfig(dataset=spec, n_shards=2)
+    p = plan(cfg)
+    assert p is not None
+    remote, mem = p.split(spec, cfg), make_split(p.read(spec), cfg)
+    assert isinstance(remote.x_u, RemoteRows) and isinstance(remote.x_test, RemoteRows)
+    for f in ("x_l", "y_l", "x_val", "y_val", "y_u", "y_test", "idx_l", "idx_u", "classes"):
+        np.testing.assert_array_equal(getattr(remote, f), getattr(mem, f), err_msg=f)
+    remote, mem = standardize_split(remote, 2), standardize_split(mem, 2)
+    if which == "parquet":  # the same transform from the shards' moments
+        assert remote.standardizer is not None and mem.standardizer is not None
+        np.testing.assert_array_equal(remote.standardizer.scale, mem.standardizer.scale)
+    np.testing.assert_array_equal(materialize(remote.x_test), mem.x_test)
+    for a, b in zip(shard(remote.x_u, 2), shard(mem.x_u, 2), strict=True):
+        np.testing.assert_array_equal(materialize(a), b)
+    keep = np.arange(len(mem.x_u)) % 3 != 1  # a selection's mask
+    np.testing.assert_array_equal(materialize(remote.x_u[keep]), mem.x_u[keep])
+
+
+@needs_ray
+def test_a_gmm_fit_on_shards_in_the_object_store_equals_the_in_memory_fit(
+        wine: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    """The shard actors fetch their own rows and fit the same GMM as on the collected split."""
+    from raysl import pipeline
+    from raysl.config import Config, apply_overrides
+    from raysl.data import make_split
+    from raysl.readers import plan
+
+    spec = str(wine[0] / "parts")
+    cfg = apply_overrides(Config(), {"data.dataset": spec, "backend.name": "gmm",
+                                     "backend.gmm.max_iter": 5})
+    p = plan(cfg.data)
+    assert p is not None
+    splits = [pipeline.prepare(s, cfg) for s in (p.split(spec, cfg.data),
+                                                 make_split(p.read(spec), cfg.data))]
+    # on Ray actors, and (the in-memory split) in this process, as Ray and local fits are
+    # equal (tests/test_ray.py)
+    fits = [pipeline.pseudo_label(s, cfg, tmp_path / str(i), {}, use_ray=i == 0)
+            for i, s in enumerate(splits)]
+    np.testing.assert_allclose(fits[0]["proba"], fits[1]["proba"], rtol=0, atol=1e-12)
+    assert fits[0]["rounds"] == fits[1]["rounds"]
+
+
+@needs_ray
 def test_ids_are_stable_and_in_source_order(wine: tuple[Path, pd.DataFrame]) -> None:
     """The Ray Dataset the later streaming step keeps: id = file rank × 2^32 + row in file."""
     from raysl.readers import plan

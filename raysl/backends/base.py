@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
+
+from raysl.data import materialize
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class ShardWorker:
     def __init__(self, factory: BackendFactory, backend_cfg: Any, ctx: FitContext,
                  shard: Shard) -> None:
         self.backend = factory(backend_cfg, ctx)
-        self.shard = shard
+        # a shard left in Ray's object store (raysl.distributed.pool) is fetched here: by the
+        # shard's actor, not the driver
+        self.shard = replace(shard, x_u=materialize(shard.x_u))
 
     def stats(self, state: dict[str, Any]) -> Any:
         self.backend.load_state_dict(state)

@@ -12,11 +12,14 @@ Then, for each N, a fresh Python process (so its peak RSS is that N's alone) sta
 (``--nodes 2``: a two-node ``ray.cluster_utils.Cluster``, 1 CPU and ``--node-store-gb`` of
 object store each) and runs the pipeline's stages as ``raysl run`` does, timed one by one:
 
-- ``read + split``: :func:`raysl.pipeline.check` (Ray Data read, collect on the driver, split,
-  standardization);
+- ``read + split``: :func:`raysl.pipeline.check` (Ray Data read into the object store, the
+  split from the labels, the labeled and validation rows to the driver, the pool and the test
+  set routed to their shards in the store: :mod:`raysl.distributed.pool`; standardization
+  from the shards' moments);
 - ``pseudo-label (gmm) + selection``: :func:`raysl.pipeline.pseudo_label` with the GMM backend
   on Ray actors (``--gmm-rounds`` EM rounds, tolerance 0: the same work per row at every N),
-  then :func:`raysl.pipeline.selection`;
+  then :func:`raysl.pipeline.selection` at ``select.threshold=0.5``, so that most of the pool
+  is kept and the joint stage's workers fetch it;
 - ``joint training``: :func:`raysl.pipeline.joint` on Ray Train, one epoch (one pass over the
   unlabeled pool; ``train.min_steps=0``), so rows/s is pool rows per second; ``training loop``
   is the same epoch without Ray Train's start-up (the workers' own clock).
@@ -405,7 +408,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--dim and --gmm-rounds must be at least 1")
     out = Path(args.out).resolve()
     overrides = {"backend.name": "gmm", "backend.gmm.max_iter": args.gmm_rounds,
-                 "backend.gmm.tol": 0.0, "train.epochs": 1, "train.min_steps": 0,
+                 "backend.gmm.tol": 0.0, "select.threshold": 0.5,
+                 "train.epochs": 1, "train.min_steps": 0,
                  **parse_set(args.set)}
     apply_overrides(Config(), {**overrides, "data.dataset": "digits"})  # bad keys fail here
     src = choose_source(args.source, args.dim)

@@ -77,7 +77,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     if cfg.num_workers > 0:  # a Ray Train worker process of its own
         _quiet_report_logs()
         _worker_logging(config["verbose"])
-    data: TrainData = ray.get(config["data"])
+    data: TrainData = ray.get(config["data"]).fetched()  # rows in the object store: here
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

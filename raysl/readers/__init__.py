@@ -32,20 +32,24 @@ from raysl.readers.files import Source, find, looks_like_path
 if TYPE_CHECKING:
     import ray.data
 
-    from raysl.data import Dataset
+    from raysl.data import Dataset, Split
 
 logger = logging.getLogger("raysl")
 
 
 class Plan(Protocol):
     """A read decided on the driver: :meth:`dataset` makes the Ray Dataset (needs Ray),
-    :meth:`read` collects it into a :class:`raysl.data.Dataset`."""
+    :meth:`read` collects it into a :class:`raysl.data.Dataset`, :meth:`split` makes the
+    split with the unlabeled pool and test set left in the object store
+    (:func:`raysl.distributed.pool.distribute`)."""
 
     src: Source
 
     def dataset(self) -> ray.data.Dataset: ...
 
     def read(self, name: str) -> Dataset: ...
+
+    def split(self, name: str, cfg: DataConfig) -> Split: ...
 
 
 def _tabular(src: Source, cfg: DataConfig) -> Plan:

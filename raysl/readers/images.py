@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -37,12 +38,14 @@ from raysl.errors import DataError
 from raysl.readers.files import IMAGE_EXTENSIONS, Source, is_uri, kind_of
 from raysl.readers.rows import cause_line, collect, label_values, tensor_to_numpy
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
     import ray.data
 
-    from raysl.data import Dataset
+    from raysl.data import Dataset, Split
 
 logger = logging.getLogger("raysl")
 
@@ -91,6 +94,16 @@ class ImagePlan:
                               fn_kwargs={"meta": meta, "expect": expect})
 
     def read(self, name: str) -> Dataset:
+        return self._reading(lambda ds, kw: collect(ds, name, self.src.what, extra=("path", "hw"),
+                                                    **kw))
+
+    def split(self, name: str, cfg: DataConfig) -> Split:
+        from raysl.distributed.pool import distribute
+
+        return self._reading(lambda ds, kw: distribute(ds, name, self.src.what, cfg, **kw))
+
+    def _reading(self, how: Callable[[ray.data.Dataset, dict[str, Any]], T]) -> T:
+        """``how(dataset, kwargs)`` with the checks and error explanations of this read."""
         what = self.src.what
         first = self.src.files[0]
 
@@ -104,10 +117,10 @@ class ImagePlan:
                     f"{self.first_hw[1]} and {batch.column('path')[int(bad[0])]} is {h}x{w} "
                     "(height x width); set data.image_size to resize them all to one size")
 
+        kw = {"check": None if self.image_size else check, "explain": self._explain,
+              "labels": self.label_source}
         try:
-            return collect(self.dataset(), name, what, extra=("path", "hw"),
-                           check=None if self.image_size else check, explain=self._explain,
-                           labels=self.label_source)
+            return how(self.dataset(), kw)
         except (OSError, ValueError) as e:  # from read_images' own listing of the files
             if isinstance(e, DataError):
                 raise

@@ -129,10 +129,18 @@ def iterate(ds: ray.data.Dataset, what: str,
     try:
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
     except (RayError, OSError, ValueError, pa.ArrowException) as e:
-        if isinstance(e, DataError):
-            raise
-        err = explain(e) if explain is not None else None
-        raise (err or DataError(f"{what}: reading failed: {cause_line(e)}")) from None
+        raise read_error(e, what, explain) from None
+
+
+def read_error(e: BaseException, what: str,
+               explain: Callable[[BaseException], DataError | None] | None = None
+               ) -> DataError:
+    """A failed read as the DataError to raise: ``e`` itself when it is one, else
+    ``explain``'s, else one with the cause's last line."""
+    if isinstance(e, DataError):
+        return e
+    err = explain(e) if explain is not None else None
+    return err or DataError(f"{what}: reading failed: {cause_line(e)}")
 
 
 def cause_line(e: BaseException) -> str:

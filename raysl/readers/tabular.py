@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
     import ray.data
 
-    from raysl.data import Dataset
+    from raysl.data import Dataset, Split
 
 logger = logging.getLogger("raysl")
 
@@ -171,6 +171,11 @@ class TabularPlan:
 
     def read(self, name: str) -> Dataset:
         return collect(self.dataset(), name, self.src.what, labels=self.fmt)
+
+    def split(self, name: str, cfg: DataConfig) -> Split:
+        from raysl.distributed.pool import distribute
+
+        return distribute(self.dataset(), name, self.src.what, cfg, labels=self.fmt)
 
 
 def plan(src: Source, cfg: DataConfig) -> TabularPlan:

@@ -1,0 +1,300 @@
+"""A user's data split where it was read: the unlabeled pool and the test set stay in Ray's
+object store, and the driver holds only what is small (issue 13).
+
+:func:`distribute` takes a reader's Ray Dataset (rows ``id``, ``x``, ``label``:
+:mod:`raysl.readers.rows`) and makes the same :class:`raysl.data.Split` as collecting it and
+calling :func:`raysl.data.make_split` would, except that ``x_u`` and ``x_test`` are
+:class:`RemoteRows`:
+
+1. the blocks are read once into the object store (``Dataset.to_arrow_refs``: on the nodes
+   that read them), and one task per block returns its ids and labels and checks its rows;
+2. the driver splits by labels alone (:func:`raysl.data.split_indices`: the split only ever
+   depended on the labels and the seed) and puts the plan (every row's destination) in the
+   store once;
+3. one task per block routes its rows: the labeled and validation rows come to the driver,
+   the test rows and each unlabeled shard's rows stay in the store as parts ``{"key", "x"}``.
+
+A :class:`RemoteRows` is fetched (:meth:`RemoteRows.fetch`) where it is used: by a shard
+actor (its own shard), a Ray Train worker (the pseudo-labeled rows), an evaluation task (a part
+of the test set); never by the driver. The driver keeps O(n) labels, ids and, later, the
+backend's probabilities: 16 bytes + 8 per class a row, against 3,136 for a 28x28 image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+
+from raysl.config import DataConfig
+from raysl.data import Dataset, Split, _fingerprint_params, encode_labels, shard_bounds
+from raysl.data import split_indices as _split_indices
+from raysl.errors import DataError
+from raysl.preprocess import Moments, Standardizer
+from raysl.readers.rows import label_values, normalize_labels, read_error, tensor_to_numpy
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+    import torch
+
+logger = logging.getLogger("raysl")
+
+# Routing tasks are light (numpy slicing): a fraction of a CPU each, so a 2-CPU machine runs
+# several at once.
+TASK_CPUS = 0.25
+_DRIVER, _TEST, _POOL = 0, 1, 2  # destinations: the driver, the test set, shard 0 (then 1, ...)
+
+
+def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
+             keep: np.ndarray | None = None,
+             transform: Standardizer | None = None) -> np.ndarray:
+    """Parts ``{"key": (k,), "x": (k, ...)}`` -> their rows ``(n, ...)`` float32 in key
+    order; ``keep``: only the rows whose key is in it (sorted keys); ``transform``: applied
+    last. Pure numpy: what :meth:`RemoteRows.fetch` does with the parts it gets."""
+    parts = [p for p in parts if len(p["key"])]
+    if not parts:
+        return np.zeros((0, *row_shape), np.float32)
+    keys = np.concatenate([p["key"] for p in parts])
+    order = np.argsort(keys, kind="stable")
+    if keep is not None:
+        order = order[np.isin(keys[order], keep, assume_unique=True)]
+    x = np.concatenate([p["x"] for p in parts])[order]
+    return transform(x) if transform is not None else x
+
+
+@dataclass(frozen=True, eq=False)
+class RemoteRows:
+    """Rows ``(n, *row_shape)`` float32 held in Ray's object store as parts (see
+    :func:`assemble`), grouped by shard: ``parts[i]`` are shard i's, whose keys are the pool
+    positions ``bounds[i]``. Quacks like the array it stands for where the pipeline needs it:
+    ``len``, a boolean mask (``rows[mask]``: the kept rows, in order), ``shards(n)``."""
+
+    parts: tuple[tuple[ray.ObjectRef, ...], ...]
+    bounds: tuple[tuple[int, int], ...]  # per shard, its [start, stop) of keys
+    row_shape: tuple[int, ...]
+    keep: np.ndarray | None = None  # sorted keys of the rows kept (None: all)
+    transform: Standardizer | None = None
+
+    def __len__(self) -> int:
+        if self.keep is not None:
+            return len(self.keep)
+        return sum(b - a for a, b in self.bounds)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.row_shape)
+
+    def __getitem__(self, mask: np.ndarray) -> RemoteRows:
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (len(self),):
+            raise TypeError(f"RemoteRows takes a boolean mask of shape ({len(self)},)")
+        keys = self.keep if self.keep is not None else np.concatenate(
+            [np.arange(a, b) for a, b in self.bounds])
+        return replace(self, keep=keys[mask])
+
+    def shards(self, n: int) -> list[RemoteRows]:
+        """The ``n`` shards the rows were routed to (``n`` must be that number)."""
+        if n != len(self.parts) or self.keep is not None:
+            raise ValueError(f"these rows were routed to {len(self.parts)} shards; asked for {n}")
+        return [RemoteRows((p,), (b,), self.row_shape, None, self.transform)
+                for p, b in zip(self.parts, self.bounds, strict=True)]
+
+    def with_transform(self, transform: Standardizer) -> RemoteRows:
+        return replace(self, transform=transform)
+
+    def fetch(self) -> np.ndarray:
+        """The rows as one array ``(n, *row_shape)``, read from the store (where it runs)."""
+        parts = ray.get([r for group in self.parts for r in group])
+        return assemble(parts, self.row_shape, self.keep, self.transform)
+
+    def moments(self) -> list[Moments]:
+        """Each shard's :class:`~raysl.preprocess.Moments`, computed by a task per shard: what
+        ``Moments.of`` of each shard's fetched rows gives, without fetching them here."""
+        return ray.get([_moments.options(num_cpus=TASK_CPUS).remote(s) for s in
+                        self.shards(len(self.parts))])
+
+    def predict(self, model_state: dict[str, Any], build: Callable[[], torch.nn.Module]
+                ) -> np.ndarray:
+        """The class predicted for every row ``(n,)`` by the model ``build()`` with
+        ``model_state`` loaded, one task per shard."""
+        state = ray.put(model_state)
+        preds = ray.get([_predict.options(num_cpus=TASK_CPUS).remote(s, state, build)
+                         for s in self.shards(len(self.parts))])
+        return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+@ray.remote
+def _moments(rows: RemoteRows) -> Moments:
+    return Moments.of(rows.fetch())
+
+
+@ray.remote
+def _predict(rows: RemoteRows, state: dict[str, Any], build: Callable[[], Any]) -> np.ndarray:
+    import torch
+
+    from raysl.train import predict_proba, state_from_numpy
+
+    torch.set_num_threads(1)
+    model = build()
+    model.load_state_dict(state_from_numpy(state))
+    return predict_proba(model, rows.fetch()).argmax(1)
+
+
+# -- reading and routing ----------------------------------------------------------------------
+
+@ray.remote
+def _survey(table: pa.Table, check: Callable[[pa.Table], None] | None) -> dict[str, Any]:
+    """One block's ids, labels (as stored), row shape and dtype, digest, non-finite rows; a
+    DataError of ``check`` comes back as its message (not a task failure's traceback)."""
+    ids = table.column("id").to_numpy()
+    x = tensor_to_numpy(table.column("x"))
+    out: dict[str, Any] = {"ids": ids, "labels": label_values(table.column("label")),
+                           "error": None}
+    if check is not None:
+        try:
+            check(table)
+        except DataError as e:
+            out["error"] = str(e)
+    out["shape"], out["dtype"] = tuple(x.shape[1:]), str(x.dtype)
+    order = np.argsort(ids, kind="stable")
+    h = hashlib.sha256(np.ascontiguousarray(ids[order]).tobytes())
+    h.update(np.ascontiguousarray(x[order]).tobytes())
+    out["digest"] = h.hexdigest()
+    flat = x.reshape(len(x), -1)
+    out["nonfinite"] = ids[~np.isfinite(flat).all(axis=1)] if x.dtype.kind == "f" else ids[:0]
+    return out
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    """The reader's x as :func:`raysl.data._from_arrays` makes it: uint8 / 255, float32,
+    grey images ``(n, h, w)`` as ``(n, 1, h, w)``."""
+    if x.dtype == np.uint8:
+        x = x / 255.0
+    if x.ndim == 3:
+        x = x[:, None]
+    return np.asarray(x, np.float32)
+
+
+def _route(table: pa.Table, plan: tuple[np.ndarray, np.ndarray, np.ndarray]
+           ) -> list[dict[str, np.ndarray]]:
+    """One block's rows by destination (the driver, the test set, shard 0, 1, ...)."""
+    ids_sorted, dest, key = plan
+    ids = table.column("id").to_numpy()
+    at = np.searchsorted(ids_sorted, ids)
+    d, k = dest[at], key[at]
+    x = _as_float(tensor_to_numpy(table.column("x")))
+    n_out = int(dest.max()) + 1 if len(dest) else 1
+    return [{"key": k[d == o], "x": x[d == o]} for o in range(max(n_out, _POOL))]
+
+
+def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
+               check: Callable[[pa.Table], None] | None = None,
+               explain: Callable[[BaseException], DataError | None] | None = None,
+               labels: str = "parquet") -> Split:
+    """A reader's dataset ``ds`` split with its pool and test set left in the object store
+    (see the module's docstring). The same rows as ``make_split(collect(ds, ...), cfg)``
+    (:func:`raysl.readers.rows.collect`; ``check``, ``explain``, ``labels`` as there), in the
+    same order; ``split.key`` differs (it hashes the blocks). Needs a Ray session."""
+    # 1. read into the store; one survey task per block
+    blocks = _read_blocks(ds, what, explain)
+    surveys = ray.get([_survey.options(num_cpus=TASK_CPUS).remote(b, check) for b in blocks])
+    for s in surveys:
+        if s["error"]:
+            raise DataError(s["error"])
+    surveys = [s for s in surveys if len(s["ids"])]
+    if not surveys:
+        raise DataError(f"{what}: no rows")
+    shapes = {(s["shape"], s["dtype"]) for s in surveys}
+    if len(shapes) > 1:
+        raise DataError(f"{what}: blocks of different row shapes {sorted(shapes)}")
+    (row_shape, dtype), = shapes
+    ids = np.concatenate([s["ids"] for s in surveys])
+    order = np.argsort(ids, kind="stable")
+    ids_sorted = ids[order]
+    y_raw = normalize_labels(np.concatenate([s["labels"] for s in surveys])[order], labels)
+    x_shape = _as_float(np.zeros((0, *row_shape), dtype)).shape[1:]
+    _check_rows(name, ids_sorted, row_shape, dtype, surveys)
+    codes, classes = encode_labels(y_raw, f"{name}: y")
+    if (codes >= 0).sum() == 0:
+        raise DataError(f"{name}: y has no labeled rows (all are unlabeled: -1, empty or null)")
+    plain = (np.issubdtype(classes.dtype, np.integer)
+             and np.array_equal(classes, np.arange(len(classes))))
+    n = len(codes)
+    meta = Dataset(name, np.zeros((n, 0), np.float32), codes, len(classes),
+                   classes=None if plain else classes)
+
+    # 2. the split, from the labels alone
+    idx_l, idx_u, idx_v, idx_t = _split_indices(meta, cfg)
+    assert idx_t is not None  # a reader's data has no official test split
+    dest = np.full(n, _DRIVER, np.int32)
+    key = np.arange(n, dtype=np.int64)  # driver rows: their position
+    dest[idx_t], key[idx_t] = _TEST, np.arange(len(idx_t))
+    bounds = shard_bounds(len(idx_u), cfg.n_shards)
+    for i, (a, b) in enumerate(bounds):
+        dest[idx_u[a:b]] = _POOL + i
+    key[idx_u] = np.arange(len(idx_u))
+    plan = ray.put((ids_sorted, dest, key))
+
+    # 3. route every block's rows
+    n_out = _POOL + cfg.n_shards
+    route = ray.remote(num_returns=n_out, num_cpus=TASK_CPUS)(_route)
+    routed = [route.remote(b, plan) for b in blocks]
+    del blocks  # the read blocks are freed once routed
+    mine = np.concatenate([idx_l, idx_v])
+    x_mine = assemble(ray.get([r[_DRIVER] for r in routed]), x_shape, np.sort(mine))
+    at = {int(p): i for i, p in enumerate(np.sort(mine))}
+    x_l = x_mine[[at[int(p)] for p in idx_l]]
+    x_v = x_mine[[at[int(p)] for p in idx_v]]
+    test = RemoteRows((tuple(r[_TEST] for r in routed),), ((0, len(idx_t)),), x_shape)
+    pool = RemoteRows(tuple(tuple(r[_POOL + i] for r in routed) for i in range(cfg.n_shards)),
+                      tuple(bounds), x_shape)
+    digest = hashlib.sha256()
+    for s in sorted(surveys, key=lambda s: int(s["ids"].min())):
+        digest.update(s["digest"].encode())
+    digest.update(_fingerprint_params(cfg).encode())
+    logger.info("[data] %s: %d rows in %d blocks; %d labeled + %d validation rows on the "
+                "driver, %d unlabeled and %d test rows left in the object store", what, n,
+                len(surveys), len(idx_l), len(idx_v), len(idx_u), len(idx_t))
+    return Split(x_l=x_l, y_l=codes[idx_l], x_u=pool, y_u=codes[idx_u],  # type: ignore[arg-type]
+                 x_val=x_v, y_val=codes[idx_v], x_test=test,  # type: ignore[arg-type]
+                 y_test=codes[idx_t], idx_l=idx_l, idx_u=idx_u, n_classes=len(classes),
+                 key=digest.hexdigest()[:16], classes=meta.classes)
+
+
+def _read_blocks(ds: ray.data.Dataset, what: str,
+                 explain: Callable[[BaseException], DataError | None] | None
+                 ) -> list[ray.ObjectRef]:
+    """``ds``'s blocks as pyarrow tables in the object store (on the nodes that read them);
+    a failed read becomes a DataError as :func:`raysl.readers.rows.iterate` makes it."""
+    import pyarrow as pa
+    from ray.exceptions import RayError
+
+    try:
+        return ds.to_arrow_refs()
+    except (RayError, OSError, ValueError, pa.ArrowException) as e:
+        raise read_error(e, what, explain) from None
+
+
+def _check_rows(name: str, ids_sorted: np.ndarray, row_shape: tuple[int, ...], dtype: str,
+                surveys: list[dict[str, Any]]) -> None:
+    """What :func:`raysl.data._from_arrays` and ``load_dataset`` check of collected rows."""
+    if np.dtype(dtype).kind not in "biuf":
+        raise DataError(f"{name}: x has dtype {dtype}; features must be numbers (int, uint "
+                        "or float)")
+    if len(row_shape) not in (1, 2, 3):
+        raise DataError(f"{name}: x has shape {(len(ids_sorted), *row_shape)}; expected (n, d), "
+                        "(n, h, w) or (n, c, h, w)")
+    bad = np.concatenate([s["nonfinite"] for s in surveys])
+    if len(bad):
+        rows = np.sort(np.searchsorted(ids_sorted, bad))
+        raise DataError(f"{name}: x has NaN/inf values in {len(rows)} rows "
+                        f"(first: {rows[:5].tolist()}); features must be finite")
+
+
+__all__ = ["RemoteRows", "assemble", "distribute"]
