@@ -47,7 +47,14 @@ def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
         raise ValueError(f"temperature must be > 0, got {t}")
     if t == 1.0:
         return proba
-    return np.exp(log_softmax(np.log(np.maximum(proba, _EPS)) / t, axis=1))
+    out = np.empty(proba.shape, np.float64)
+    for a in range(0, len(proba), _CHUNK):  # row blocks: no whole-size temporaries
+        out[a : a + _CHUNK] = np.exp(log_softmax(
+            np.log(np.maximum(proba[a : a + _CHUNK], _EPS)) / t, axis=1))
+    return out
+
+
+_CHUNK = 65536  # rows at a time: a pool of millions needs a few MB of temporaries, not GBs
 
 
 def nll(proba: np.ndarray, y: np.ndarray) -> float:

@@ -53,6 +53,11 @@ class Split:
     ``y_u`` holds the true labels of the unlabeled pool where they are known (benchmark data)
     and -1 elsewhere; it is used only to evaluate pseudo-labels, never to train.
     ``idx_l`` / ``idx_u`` are row indices into the dataset's (training) arrays.
+
+    A split of a user's files made in a run on Ray (:func:`raysl.distributed.pool.distribute`)
+    holds ``x_u`` and ``x_test`` as :class:`Remote` rows left in Ray's object store: ``len``,
+    boolean masks and :func:`shard` work on them, :func:`materialize` fetches them (shard
+    actors, Train workers and evaluation tasks do; the driver does not).
     """
 
     x_l: np.ndarray  # (n_l, ...)
@@ -716,7 +721,7 @@ def shard(x: np.ndarray, n_shards: int) -> list[np.ndarray]:
     """Split rows of ``x`` (n, ...) into ``n_shards`` contiguous views; rows held in the object
     store (:class:`Remote`) come as the shards they were routed to."""
     if isinstance(x, Remote):
-        return x.shards(n_shards)  # type: ignore[return-value]
+        return x.shards(n_shards)  # type: ignore[attr-defined]
     return [x[a:b] for a, b in shard_bounds(len(x), n_shards)]
 
 
@@ -727,8 +732,6 @@ class Remote(Protocol):
     and :func:`shard` work on it; :func:`materialize` fetches the rows."""
 
     def __len__(self) -> int: ...
-
-    def shards(self, n: int) -> list[Remote]: ...
 
     def fetch(self) -> np.ndarray: ...
 

@@ -25,8 +25,8 @@ def pseudo_label_metrics(sel: Selection, y_true: np.ndarray) -> dict[str, float]
 def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
     """ECE of ``proba`` (n, C) against ``y_true`` (n,) over equal-width confidence bins."""
     known = y_true >= 0
-    conf = proba[known].max(1)
-    correct = proba[known].argmax(1) == y_true[known]
+    conf = proba.max(1)[known]  # not proba[known]: no copy of the whole (n, C) array
+    correct = proba.argmax(1)[known] == y_true[known]
     if len(conf) == 0:
         return float("nan")
     edges = np.linspace(0.0, 1.0, bins + 1)

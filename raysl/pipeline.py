@@ -398,7 +398,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
 
             cal = calibrate(val_proba, split.y_val)
             temperature = cal.temperature
-            res_proba = apply_temperature(res_proba, temperature)
+            res_proba = res.proba = apply_temperature(res_proba, temperature)  # one (n_u, C)
             val_proba = apply_temperature(val_proba, temperature)
             logger.info("[pseudo-label] %s: temperature scaling on %d validation rows: T=%.3g "
                         "(validation NLL %.3f, %.3f at T=1%s)", b.name, cal.n, temperature,
@@ -465,14 +465,20 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, stage: str = "jo
     # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
     online: dict[str, Any] = {}
     if cfg.train.fixmatch:
-        online = {"x_u": split.x_u, "y_u": split.y_u}
+        online = {"x_u": _for_training(split.x_u), "y_u": split.y_u}
         if cfg.train.offline == "prior" and m.any():  # every row's label, kept or not
             online.update(prior_label=sel.labels, prior_conf=sel.conf.astype(np.float32))
-    data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
+    data = TrainData(split.x_l, split.y_l, _for_training(split.x_u[m]), sel.labels[m],
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
                      **online)
     key = cache_key("joint", split.key, config_part("joint", cfg), sel_key)
     return train_stage(stage, split, cfg, out, data, key, **train_kwargs)
+
+
+def _for_training(x: Any) -> Any:
+    """Rows the Ray Train ranks read: an array, or rows left in the object store assembled
+    there once by a task (``RemoteRows.stored``), which every rank then reads zero-copy."""
+    return x.stored() if isinstance(x, Remote) else x
 
 
 def relabel_rounds(split: Split, cfg: Config, out: Path) -> tuple[str, list[dict]]:

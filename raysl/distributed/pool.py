@@ -56,16 +56,35 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
              transform: Standardizer | None = None) -> np.ndarray:
     """Parts ``{"key": (k,), "x": (k, ...)}`` -> their rows ``(n, ...)`` float32 in key
     order; ``keep``: only the rows whose key is in it (sorted keys); ``transform``: applied
-    last. Pure numpy: what :meth:`RemoteRows.fetch` does with the parts it gets."""
+    last. Pure numpy: what :meth:`RemoteRows.fetch` does with the parts it gets. Each row is
+    copied once into the result (parts read from the object store are not copied first)."""
     parts = [p for p in parts if len(p["key"])]
-    if not parts:
-        return np.zeros((0, *row_shape), np.float32)
-    keys = np.concatenate([p["key"] for p in parts])
-    order = np.argsort(keys, kind="stable")
-    if keep is not None:
-        order = order[np.isin(keys[order], keep, assume_unique=True)]
-    x = np.concatenate([p["x"] for p in parts])[order]
-    return transform(x) if transform is not None else x
+    keys = np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64)
+    if keep is None:
+        dest = np.empty(len(keys), np.int64)
+        dest[np.argsort(keys, kind="stable")] = np.arange(len(keys))
+        n = len(keys)
+    else:
+        n = len(keep)
+        dest = np.full(len(keys), -1, np.int64)
+        if n:
+            at = np.minimum(np.searchsorted(keep, keys), n - 1)
+            hit = keep[at] == keys
+            dest[hit] = at[hit]
+    out = np.empty((n, *row_shape), np.float32)
+    start = 0
+    for p in parts:
+        d = dest[start : start + len(p["key"])]
+        start += len(p["key"])
+        m = d >= 0
+        out[d[m]] = p["x"][m] if not m.all() else p["x"]
+    if transform is not None:  # in chunks: no second whole-size temporary
+        for a in range(0, n, _CHUNK):
+            out[a : a + _CHUNK] = transform(out[a : a + _CHUNK])
+    return out
+
+
+_CHUNK = 65536  # rows transformed at a time
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +132,12 @@ class RemoteRows:
         parts = ray.get([r for group in self.parts for r in group])
         return assemble(parts, self.row_shape, self.keep, self.transform)
 
+    def stored(self) -> StoredRows:
+        """The rows assembled by a task into one array in the object store, for readers that
+        need them all (the Ray Train ranks): each then reads it zero-copy."""
+        ref = _assemble.options(num_cpus=TASK_CPUS).remote(self)
+        return StoredRows(ref, len(self), self.row_shape)
+
     def moments(self) -> list[Moments]:
         """Each shard's :class:`~raysl.preprocess.Moments`, computed by a task per shard: what
         ``Moments.of`` of each shard's fetched rows gives, without fetching them here."""
@@ -127,6 +152,28 @@ class RemoteRows:
         preds = ray.get([_predict.options(num_cpus=TASK_CPUS).remote(s, state, build)
                          for s in self.shards(len(self.parts))])
         return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredRows:
+    """Rows ``(n, *row_shape)`` as one array in the object store (:meth:`RemoteRows.stored`):
+    :meth:`fetch` is a zero-copy read of shared memory, so every Ray Train rank on a node
+    shares one copy, as they shared the arrays the driver used to put."""
+
+    ref: ray.ObjectRef
+    n: int
+    row_shape: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def fetch(self) -> np.ndarray:
+        return ray.get(self.ref)
+
+
+@ray.remote
+def _assemble(rows: RemoteRows) -> np.ndarray:
+    return rows.fetch()
 
 
 @ray.remote
@@ -297,4 +344,4 @@ def _check_rows(name: str, ids_sorted: np.ndarray, row_shape: tuple[int, ...], d
                         f"(first: {rows[:5].tolist()}); features must be finite")
 
 
-__all__ = ["RemoteRows", "assemble", "distribute"]
+__all__ = ["RemoteRows", "StoredRows", "assemble", "distribute"]
