@@ -80,6 +80,9 @@ class VAEConfig:
     latent_dim: int = 16  # z of M2
     m1_dim: int = 32  # latent size of the M1 VAE that M2 is stacked on; 0: M2 on the inputs
     hidden: int = 256
+    # what the networks model: "inputs" (the rows themselves) or "embedding" (the baseline
+    # classifier's penultimate layer, computed on each shard, standardized)
+    features: str = "inputs"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class GANConfig:
     lr: float = 1e-3  # Adam, both networks; constant for half the rounds, then linear decay
     noise_dim: int = 64  # generator input
     hidden: int = 256
+    # what the discriminator classifies and the generator generates: "inputs" or "embedding"
+    # (the baseline classifier's penultimate layer, as for backend.vae.features)
+    features: str = "inputs"
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,7 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "backend.vae.latent_dim": (1, None),
     "backend.vae.m1_dim": (0, None),
     "backend.vae.hidden": (1, None),
+    "backend.vae.features": ("inputs", "embedding"),
     "backend.gan.rounds": (1, None),
     "backend.gan.local_epochs": (1, None),
     "backend.gan.batch_size": (1, None),
@@ -221,6 +228,7 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "backend.gan.lr": (1e-9, None),
     "backend.gan.noise_dim": (1, None),
     "backend.gan.hidden": (1, None),
+    "backend.gan.features": ("inputs", "embedding"),
     "select.criterion": ("threshold", "k_best", "per_class"),
     "select.threshold": (0.0, 1.0),
     "select.k_best": (1, None),

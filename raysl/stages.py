@@ -46,9 +46,10 @@ STAGES: dict[str, Stage] = {
     "backend": Stage(("data.", "backend.name", "backend.calibrate", "backend.{backend}.")),
     "backend:self": Stage(("data.", "backend.name", "backend.calibrate"),
                           upstream=("baseline",)),
-    # the GMM in the baseline classifier's embedding (backend.gmm.features=embedding)
-    "backend:gmm:embedding": Stage(("data.", "backend.name", "backend.calibrate",
-                                    "backend.{backend}."), upstream=("baseline",)),
+    # gmm, vae or gan in the baseline classifier's embedding (backend.<name>.features=
+    # embedding)
+    "backend:embedding": Stage(("data.", "backend.name", "backend.calibrate",
+                                "backend.{backend}."), upstream=("baseline",)),
     "select": Stage(("select.",), upstream=("backend", "baseline")),
     "joint": Stage(("data.", "train."), unless=("data.n_shards",), upstream=("select",)),
 }
@@ -60,12 +61,12 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 def stage_name(stage: str, cfg: Config) -> str:
     """``"backend"`` resolves to ``"backend:<name>"`` when that has an entry of its own, and
-    to ``"backend:gmm:embedding"`` for the GMM fitted in the baseline's embedding."""
+    to ``"backend:embedding"`` for a backend fitted in the baseline's embedding."""
     if stage != "backend":
         return stage
     b = cfg.backend
-    if b.name == "gmm" and b.gmm.features == "embedding":
-        return "backend:gmm:embedding"
+    if getattr(getattr(b, b.name, None), "features", None) == "embedding":
+        return "backend:embedding"
     return f"backend:{b.name}" if f"backend:{b.name}" in STAGES else stage
 
 

@@ -57,12 +57,13 @@ def test_what_each_stage_depends_on() -> None:
     assert "select.threshold" in closure("joint", gmm)
 
 
-def test_the_gmm_in_the_embedding_depends_on_the_baseline() -> None:
-    """backend.gmm.features=embedding reads the baseline classifier: a change to the baseline
-    refits it; the GMM in the input space stays independent of train.*."""
-    pca = apply_overrides(Config(), {"backend.name": "gmm"})
-    emb = apply_overrides(pca, {"backend.gmm.features": "embedding"})
-    assert "backend.gmm.features" in depends_on("backend", pca)
+@pytest.mark.parametrize("name", ["gmm", "vae", "gan"])
+def test_a_backend_in_the_embedding_depends_on_the_baseline(name: str) -> None:
+    """backend.<name>.features=embedding reads the baseline classifier: a change to the
+    baseline refits it; the backend on its inputs stays independent of train.*."""
+    pca = apply_overrides(Config(), {"backend.name": name})
+    emb = apply_overrides(pca, {f"backend.{name}.features": "embedding"})
+    assert f"backend.{name}.features" in depends_on("backend", pca)
     assert set(closure("baseline", emb)) <= set(closure("backend", emb))
     assert "train.lr" in closure("backend", emb) and "train.lr" not in closure("backend", pca)
 

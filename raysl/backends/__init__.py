@@ -42,9 +42,10 @@ AUTO_BACKENDS: tuple[str, ...] = ("self", "gmm")
 
 def needs_classifier(cfg: BackendConfig) -> bool:
     """True when the backend reads the baseline classifier (``FitContext.classifier_state``):
-    ``self``, and ``gmm`` in the classifier's embedding (``backend.gmm.features=embedding``).
+    ``self``, and ``gmm``, ``vae`` or ``gan`` in the classifier's embedding
+    (``backend.<name>.features=embedding``, :class:`~raysl.backends.nets.ClassifierEmbedding`).
     Its fit then depends on the baseline, and its cache key holds the baseline's weights."""
-    return cfg.name == "self" or (cfg.name == "gmm" and cfg.gmm.features == "embedding")
+    return cfg.name == "self" or getattr(backend_section(cfg), "features", None) == "embedding"
 
 
 def backend_section(cfg: BackendConfig) -> object:

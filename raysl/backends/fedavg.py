@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from raysl.backends.base import FitContext, Shard
+from raysl.backends.nets import ClassifierEmbedding, classifier_embedding
 
 
 class LocalTrainer(Protocol):
@@ -165,22 +166,39 @@ def train_local(trainer: LocalTrainer, model: nn.Module, opts: list[torch.optim.
 
 
 class FedAvgBackend:
-    """The backend Protocol over a :class:`LocalTrainer` (see the module docstring)."""
+    """The backend Protocol over a :class:`LocalTrainer` (see the module docstring).
 
-    def __init__(self, trainer: LocalTrainer, sched: Schedule, ctx: FitContext) -> None:
+    With an ``embedding`` the networks see rows through the baseline classifier's penultimate
+    layer instead of the inputs (``features="embedding"``): each worker embeds its shard and
+    the labeled set once, and the embedding is standardized with the labeled rows' mean per
+    column and one overall scale (:func:`embedding_scaling`), fixed in ``init`` and carried in
+    the state, so every worker and ``predict_proba`` use the same map."""
+
+    def __init__(self, trainer: LocalTrainer, sched: Schedule, ctx: FitContext,
+                 embedding: ClassifierEmbedding | None = None) -> None:
         self.trainer = trainer
         self.sched = sched
         self.ctx = ctx
+        self.embedding = embedding
         self.state: dict[str, Any] = {}
         self._model: nn.Module | None = None  # built lazily from the state, for predict
+
+    def _inputs(self, x: np.ndarray, keep: bool = False) -> np.ndarray:
+        """Rows ``x`` (n, ...) as the networks see them: the inputs, or their standardized
+        embedding (n, width) (``keep``: a worker's own rows, embedded once)."""
+        if self.embedding is None:
+            return x
+        f = self.embedding(x, keep)
+        return ((f - self.state["shift"]) / self.state["scale"]).astype(np.float32)
 
     # -- driver side ---------------------------------------------------------------------
     def init(self, x_l: np.ndarray, y_l: np.ndarray) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_of(self.ctx.seed))
             model = self.trainer.build()
-        self.load_state_dict({"round": 0, "arrays": pack(model,
-                                                         self.trainer.optimizers(model))})
+        scaling = {} if self.embedding is None else embedding_scaling(self.embedding(x_l))
+        self.load_state_dict({"round": 0, "arrays": pack(model, self.trainer.optimizers(model)),
+                              **scaling})
 
     @property
     def converged(self) -> bool:
@@ -190,7 +208,7 @@ class FedAvgBackend:
         """FedAvg of the shards' trained states; returns their size-weighted mean loss."""
         parts, sizes, losses = zip(*stats, strict=True)
         objective = float(np.average(losses, weights=np.asarray(sizes, np.float64)))
-        self.load_state_dict({"round": int(self.state["round"]) + 1,
+        self.load_state_dict({**self.state, "round": int(self.state["round"]) + 1,
                               "arrays": fedavg(parts, sizes)})
         return objective
 
@@ -198,6 +216,9 @@ class FedAvgBackend:
     def shard_stats(self, shard: Shard) -> tuple[dict[str, np.ndarray], int, float]:
         """Train a copy of the current model on ``shard``: (state arrays, n_u, mean loss)."""
         with single_thread():
+            if self.embedding is not None:
+                shard = Shard(self._inputs(shard.x_u, keep=True),
+                              self._inputs(shard.x_l, keep=True), shard.y_l, shard.index)
             model, opts = self._fresh()
             loss = train_local(self.trainer, model, opts, shard, self.sched, self.ctx.seed,
                                int(self.state["round"]))
@@ -216,6 +237,7 @@ class FedAvgBackend:
         if self._model is None:
             self._model, _ = self._fresh()
         model = self._model.eval()
+        x = self._inputs(x)
         out = [torch.softmax(self.trainer.class_logits(
             model, torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], np.float32))
         ).double(), 1) for i in range(0, len(x), batch_size)]
@@ -224,8 +246,34 @@ class FedAvgBackend:
         return torch.cat(out).numpy()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self.state["round"], "arrays": dict(self.state["arrays"])}
+        return {**self.state, "arrays": dict(self.state["arrays"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = {"round": int(state["round"]), "arrays": dict(state["arrays"])}
+        self.state = {**state, "round": int(state["round"]), "arrays": dict(state["arrays"])}
         self._model = None
+
+
+def embedding_scaling(f_l: np.ndarray) -> dict[str, Any]:
+    """The standardization of embedded rows, from the labeled rows' embedding ``f_l``
+    (n_l, width): ``{"shift": mean per column (width,), "scale": one overall standard
+    deviation}`` (one scale, not one per column: a column the few labeled rows leave at 0, a
+    dead ReLU for them, may not be dead on the pool). The labeled rows are on every worker, so
+    the map does not depend on the sharding."""
+    shift = f_l.mean(0)
+    scale = float(np.sqrt(((f_l - shift) ** 2).mean())) if len(f_l) else 0.0
+    return {"shift": shift, "scale": scale if scale > 0 else 1.0}
+
+
+class TrainerFactory(Protocol):
+    def __call__(self, cfg: Any, ctx: FitContext) -> LocalTrainer: ...
+
+
+def make_fedavg(trainer: TrainerFactory, cfg: Any, ctx: FitContext, key: str) -> FedAvgBackend:
+    """A neural backend: ``trainer(cfg, ctx)`` under FedAvg, with ``cfg``'s schedule
+    (``rounds``, ``local_epochs``, ``batch_size``, ``labeled_batch_size``) and feature space
+    (``features``: "inputs" or "embedding", ``key`` its config key for errors). In the
+    embedding the trainer builds its networks for vectors of the embedding's width."""
+    sched = Schedule(cfg.rounds, cfg.local_epochs, cfg.batch_size, cfg.labeled_batch_size)
+    emb = classifier_embedding(cfg.features, ctx, key, "inputs")
+    net_ctx = ctx if emb is None else replace(ctx, input_shape=(emb.width,))
+    return FedAvgBackend(trainer(cfg, net_ctx), sched, ctx, emb)

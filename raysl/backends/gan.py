@@ -9,6 +9,11 @@ D(x) = Z/(Z+1) with Z = Σ_k exp l_k(x). Its loss per step:
 The generator matches the mean of the discriminator's last hidden features on real and
 generated rows (feature matching). The K-class softmax of l(x) gives the probabilities.
 Fitted by FedAvg rounds (:mod:`raysl.backends.fedavg`).
+
+``backend.gan.features`` says what x is: the inputs ("inputs") or the baseline classifier's
+penultimate-layer embedding ("embedding", standardized; the networks are then MLPs over
+vectors), computed by each shard worker on its own rows as the GMM's is
+(:class:`raysl.backends.nets.ClassifierEmbedding`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysl.backends.base import FitContext
-from raysl.backends.fedavg import FedAvgBackend, Schedule
+from raysl.backends.fedavg import FedAvgBackend, make_fedavg
 from raysl.backends.nets import body
 from raysl.config import GANConfig
 
@@ -128,6 +133,6 @@ class GANTrainer:
 
 
 def make_gan(cfg: GANConfig, ctx: FitContext) -> FedAvgBackend:
-    """The ``gan`` backend: :class:`GANTrainer` under FedAvg."""
-    sched = Schedule(cfg.rounds, cfg.local_epochs, cfg.batch_size, cfg.labeled_batch_size)
-    return FedAvgBackend(GANTrainer(cfg, ctx), sched, ctx)
+    """The ``gan`` backend: :class:`GANTrainer` under FedAvg, on the inputs or the
+    baseline classifier's embedding (``backend.gan.features``)."""
+    return make_fedavg(GANTrainer, cfg, ctx, "backend.gan.features")

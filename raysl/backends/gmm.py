@@ -27,6 +27,7 @@ from scipy.special import logsumexp
 from sklearn.exceptions import ConvergenceWarning
 
 from raysl.backends.base import FitContext, Shard
+from raysl.backends.nets import classifier_embedding
 from raysl.config import GMMConfig
 
 
@@ -131,22 +132,8 @@ class GMMBackend:
         self._y_l: np.ndarray | None = None
         # (shard, mean, proj, projected rows): see _projected
         self._z_cache: tuple[Shard, np.ndarray, np.ndarray, np.ndarray] | None = None
-        # (shard, its embedding (n_i, hidden)): see _shard_features
-        self._f_cache: tuple[Shard, np.ndarray] | None = None
-        self._net: Any = None  # the classifier whose penultimate layer is the feature space
-        if cfg.features == "embedding":
-            if ctx.classifier_state is None:
-                raise ValueError("backend.gmm.features='embedding' needs the baseline "
-                                 "classifier (FitContext.classifier_state)")
-            from raysl.models import build_model  # lazy: torch only for these features
-            from raysl.train import state_from_numpy
-
-            self._net = build_model(ctx.input_shape, ctx.n_classes, ctx.hidden)
-            self._net.load_state_dict(state_from_numpy(ctx.classifier_state))
-            self._net.eval()
-        elif cfg.features != "pca":
-            raise ValueError(f"backend.gmm.features={cfg.features!r}: expected 'pca' or "
-                             "'embedding'")
+        # the classifier's penultimate layer as the feature space, or None: the inputs
+        self._embedding = classifier_embedding(cfg.features, ctx, "backend.gmm.features", "pca")
 
     # -- driver side -------------------------------------------------------------------
     def init(self, x_l: np.ndarray, y_l: np.ndarray) -> None:
@@ -230,20 +217,16 @@ class GMMBackend:
     def _shard_features(self, shard: Shard) -> np.ndarray:
         """The shard's rows as features (n_i, D). Embeddings are computed once per shard and
         kept (they don't depend on the state); inputs are only reshaped, not copied."""
-        if self._net is None:
+        if self._embedding is None:
             return shard.x_u.reshape(len(shard.x_u), -1)
-        if self._f_cache is None or self._f_cache[0] is not shard:
-            self._f_cache = (shard, self.features(shard.x_u))
-        return self._f_cache[1]
+        return self._embedding(shard.x_u, keep=True)
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Rows ``x`` (n, ...) in the space the PCA is fitted in: (n, D) float64, D the
         flattened input size or the classifier's hidden width."""
-        if self._net is None:
+        if self._embedding is None:
             return x.reshape(len(x), -1).astype(np.float64)
-        from raysl.train import embed
-
-        return embed(self._net, x)
+        return self._embedding(x)
 
     def _project_features(self, f: np.ndarray) -> np.ndarray:
         """Features (n, D) -> the PCA space (n, d)."""

@@ -1,5 +1,6 @@
-"""Small building blocks the neural backends share: a feature body chosen from the data's shape
-(conv for ``(c, h, w)`` images, MLP for ``(d,)`` vectors), as :mod:`raysl.models` does.
+"""Small building blocks the backends share: a feature body chosen from the data's shape (conv
+for ``(c, h, w)`` images, MLP for ``(d,)`` vectors), as :mod:`raysl.models` does; and the
+baseline classifier's embedding as a feature space (:class:`ClassifierEmbedding`).
 
 No batch norm in anything that labels rows: a row's class probabilities must not depend on
 which other rows share its batch.
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from raysl.backends.base import FitContext
 
 
 class GaussianNoise(nn.Module):
@@ -59,3 +63,48 @@ def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     """d_in -> hidden -> hidden -> d_out."""
     return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(0.2),
                          nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, d_out))
+
+
+class ClassifierEmbedding:
+    """The baseline classifier's penultimate layer (``FitContext.classifier_state``) as a
+    feature map: the feature space of a backend with ``features="embedding"`` (gmm, vae, gan).
+
+    A row's embedding is a function of the row alone, bit for bit (:func:`raysl.train.embed`),
+    so a fit over shards stays independent of the sharding. Arrays embedded with ``keep=True``
+    (a shard worker's own rows and the labeled set, which it embeds every round) are computed
+    once and kept, keyed by identity: they don't depend on the backend's state."""
+
+    def __init__(self, ctx: FitContext, key: str) -> None:
+        if ctx.classifier_state is None:
+            raise ValueError(f"{key}='embedding' needs the baseline classifier "
+                             "(FitContext.classifier_state)")
+        from raysl.models import build_model  # lazy: only a backend in the embedding needs it
+        from raysl.train import embed, state_from_numpy
+
+        self._embed = embed
+        self.net = build_model(ctx.input_shape, ctx.n_classes, ctx.hidden)
+        self.net.load_state_dict(state_from_numpy(ctx.classifier_state))
+        self.net.eval()
+        self.width = int(embed(self.net, np.zeros((0, *ctx.input_shape), np.float32)).shape[1])
+        self._kept: list[tuple[np.ndarray, np.ndarray]] = []  # (array, its embedding)
+
+    def __call__(self, x: np.ndarray, keep: bool = False) -> np.ndarray:
+        """Rows ``x`` (n, ...) -> their embedding (n, width), float64."""
+        for arr, emb in self._kept:
+            if arr is x:
+                return emb
+        emb = self._embed(self.net, x)
+        if keep:
+            self._kept = [*self._kept[-3:], (x, emb)]  # a shard's rows and the labeled set
+        return emb
+
+
+def classifier_embedding(features: str, ctx: FitContext, key: str,
+                         plain: str) -> ClassifierEmbedding | None:
+    """The feature map a backend config's ``features`` value names: None for ``plain`` (the
+    inputs themselves), the classifier's embedding for ``"embedding"``."""
+    if features == "embedding":
+        return ClassifierEmbedding(ctx, key)
+    if features != plain:
+        raise ValueError(f"{key}={features!r}: expected {plain!r} or 'embedding'")
+    return None

@@ -14,6 +14,11 @@ unsupervised feature learner as in the paper. Without M1, images use a Bernoulli
 (pixels in [0, 1]) and vectors a Gaussian one.
 
 q(y|x) gives the class probabilities. Fitted by FedAvg rounds (:mod:`raysl.backends.fedavg`).
+
+``backend.vae.features`` says what x is: the inputs ("inputs") or the baseline classifier's
+penultimate-layer embedding ("embedding", standardized; the networks are then MLPs over
+vectors), computed by each shard worker on its own rows as the GMM's is
+(:class:`raysl.backends.nets.ClassifierEmbedding`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysl.backends.base import FitContext
-from raysl.backends.fedavg import FedAvgBackend, Schedule
+from raysl.backends.fedavg import FedAvgBackend, make_fedavg
 from raysl.backends.nets import body, mlp
 from raysl.config import VAEConfig
 
@@ -167,6 +172,6 @@ class VAETrainer:
 
 
 def make_vae(cfg: VAEConfig, ctx: FitContext) -> FedAvgBackend:
-    """The ``vae`` backend: :class:`VAETrainer` under FedAvg."""
-    sched = Schedule(cfg.rounds, cfg.local_epochs, cfg.batch_size, cfg.labeled_batch_size)
-    return FedAvgBackend(VAETrainer(cfg, ctx), sched, ctx)
+    """The ``vae`` backend: :class:`VAETrainer` under FedAvg, on the inputs or the
+    baseline classifier's embedding (``backend.vae.features``)."""
+    return make_fedavg(VAETrainer, cfg, ctx, "backend.vae.features")

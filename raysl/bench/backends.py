@@ -6,8 +6,11 @@ them), ``--labels-per-class`` labels per class and each seed (``data.seed = trai
 makes the pipeline's split, trains the pipeline's stage-1 baseline classifier in this process
 (cached under ``--out``), then fits each backend over the unlabeled shards (Ray actors by
 default): ``gmm`` in each ``--gmm`` variant (features, components per class, optional PCA
-dimension), ``vae``, ``gan``, ``self``. scikit-learn's LabelSpreading (knn kernel, 7
-neighbours) on the same split is the reference.
+dimension), ``vae`` and ``gan`` in each ``--vae`` / ``--gan`` feature space (inputs,
+classifier embedding), ``self``. scikit-learn's LabelSpreading (knn kernel, 7
+neighbours) on the same split is the reference. Beside each gmm row, scikit-learn's
+``GaussianMixture`` on the same features (:func:`sklearn_gmm`: raysl's PCA, components, initial
+parameters and EM rounds), timed in the same run; a last table sets the two side by side.
 
 Measured on the unlabeled rows against their hidden labels (used only here): argmax accuracy;
 the expected calibration error (ECE) of the raw probabilities, after an unguarded temperature
@@ -24,6 +27,7 @@ last run prints (and writes to ``OUT/table.md``) the table over all of them.
 
     raysl bench backends [--datasets digits,mnist5k,fashion_mnist] [--seeds 3] [--first-seed 0]
         [--labels-per-class 10] [--backends gmm,self] [--gmm pca:1,embedding:1,embedding:3]
+        [--vae inputs,embedding] [--gan inputs,embedding]
         [--quick] [--local] [--out DIR] [--set backend.vae.rounds=20]
 """
 
@@ -48,6 +52,9 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 DATASETS = ("digits", "mnist5k", "fashion_mnist")
 BACKEND_NAMES = ("gmm", "vae", "gan", "self")
 GMM_VARIANTS = "pca:1,embedding:1"
+NEURAL = ("vae", "gan")
+NEURAL_VARIANTS = "inputs,embedding"  # --vae / --gan: backend.<name>.features values
+SKLEARN = "sklearn-gmm"  # the method beside each gmm row (sklearn_gmm)
 # the unguarded fit the pipeline used before raysl.calibration.calibrate
 OLD_T_BOUNDS = (0.05, 20.0)
 # --quick: digits only, short fits (a smoke run of the whole command in about a minute)
@@ -69,6 +76,11 @@ def parse_gmm(spec: str) -> tuple[str, dict[str, Any]]:
         ov["backend.gmm.pca_dim"] = int(parts[2])
         label += f" d={parts[2]}"
     return label, ov
+
+
+def sklearn_label(gmm_label: str) -> str:
+    """The row label of scikit-learn's GaussianMixture beside the gmm row ``gmm_label``."""
+    return f"sklearn GaussianMixture ({gmm_label})"
 
 
 def label_spreading(split: Split) -> tuple[float, np.ndarray]:
@@ -135,30 +147,89 @@ def _baseline_state(split: Split, cfg: Config, work: Path) -> tuple[dict[str, An
     return pipeline.load_state(work / "baseline" / "model.pt"), float(rec["seconds"])
 
 
-def fit_one(name: str, split: Split, cfg: Config, state: dict[str, Any] | None,
-            use_ray: bool) -> tuple[float, np.ndarray, np.ndarray]:
-    """Fit backend ``name`` (``cfg.backend``'s settings) over ``cfg.data.n_shards`` shards:
-    (seconds, (n_u, C) probabilities, (n_val, C) validation probabilities)."""
-    import torch
-
-    from raysl.backends import BACKENDS, FitContext, needs_classifier
-    from raysl.pipeline import fit_backend as fit_shards
+def _context(split: Split, cfg: Config, state: dict[str, Any] | None) -> Any:
+    """The pipeline's FitContext for ``cfg.backend`` on ``split`` (the baseline's weights only
+    for a backend that reads them)."""
+    from raysl.backends import FitContext, needs_classifier
     from raysl.pipeline import model_width
 
+    return FitContext(split.n_classes, split.input_shape, cfg.data.seed,
+                      model_width(cfg.train, split),
+                      state if needs_classifier(cfg.backend) else None)
+
+
+def fit_one(name: str, split: Split, cfg: Config, state: dict[str, Any] | None,
+            use_ray: bool) -> tuple[float, np.ndarray, np.ndarray, dict[str, Any], list[float]]:
+    """Fit backend ``name`` (``cfg.backend``'s settings) over ``cfg.data.n_shards`` shards:
+    (seconds, (n_u, C) probabilities, (n_val, C) validation probabilities, fitted state, the
+    ``perf_counter`` time at the end of each round)."""
+    import torch
+
+    from raysl.backends import BACKENDS
+    from raysl.pipeline import fit_backend as fit_shards
+
     cfg = apply_overrides(cfg, {"backend.name": name})
-    ctx = FitContext(split.n_classes, split.input_shape, cfg.data.seed,
-                     model_width(cfg.train, split),
-                     state if needs_classifier(cfg.backend) else None)
+    ctx = _context(split, cfg, state)
     threads = torch.get_num_threads()  # `self` sets one thread for its actors' sake
     try:
+        stamps: list[float] = []
         t0 = time.perf_counter()
-        res, _ = fit_shards(split, cfg, ctx, use_ray)
+        res, _ = fit_shards(split, cfg, ctx, use_ray,
+                            progress=lambda *_: stamps.append(time.perf_counter()))
         seconds = time.perf_counter() - t0
         labeler = BACKENDS[name](cfg.backend, ctx)
         labeler.load_state_dict(res.state)
-        return seconds, res.proba, labeler.predict_proba(split.x_val)
+        return seconds, res.proba, labeler.predict_proba(split.x_val), res.state, stamps
     finally:
         torch.set_num_threads(threads)
+
+
+def sklearn_gmm(split: Split, cfg: Config, state: dict[str, Any] | None,
+                rounds: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """scikit-learn's ``GaussianMixture`` beside raysl's gmm (``cfg.backend.gmm``): the same
+    features and PCA (raysl's moment PCA of the labeled + unlabeled rows, computed here in one
+    piece), the same components, full covariances, started from raysl's initial parameters
+    (labeled class means, the global covariance, uniform weights) and run for raysl's number of
+    EM ``rounds`` (tolerance 0). It fits the labeled and unlabeled rows as unlabeled (it has no
+    labeled term); component k keeps the class it was started from, as in raysl. Its
+    covariance regularisation is raysl's prior ρ spread over a component's mean share of rows.
+    Returns (EM seconds: the features and their projection are not counted, (n_u, C) and
+    (n_val, C) probabilities)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    from raysl.backends.gmm import GMMBackend, moments
+
+    cfg = apply_overrides(cfg, {"backend.name": "gmm"})
+    gmm = GMMBackend(cfg.backend.gmm, _context(split, cfg, state))
+    gmm.init(split.x_l, split.y_l)
+    f_u = gmm.features(split.x_u)
+    gmm.merge([moments(f_u)])  # the moments round: PCA and initial parameters
+    st = gmm.state_dict()
+
+    def project(f: np.ndarray) -> np.ndarray:
+        return (f - st["mean"]) @ st["proj"]
+
+    z = np.concatenate([project(gmm.features(split.x_l)), project(f_u)])
+    n_comp = len(st["means"])
+    sk = GaussianMixture(n_components=n_comp, covariance_type="full", max_iter=max(rounds, 1),
+                         tol=0.0, reg_covar=st["rho"] * n_comp / len(z),
+                         weights_init=st["weights"], means_init=st["means"],
+                         precisions_init=np.linalg.inv(st["covs"]), random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0: max_iter is the point
+        t0 = time.perf_counter()
+        sk.fit(z)
+        seconds = time.perf_counter() - t0
+
+    def per_class(z_rows: np.ndarray) -> np.ndarray:
+        r = sk.predict_proba(z_rows)
+        return np.stack([r[:, gmm.comp_class == c].sum(1) for c in range(split.n_classes)], 1)
+
+    return seconds, per_class(z[len(split.x_l):]), per_class(
+        project(gmm.features(split.x_val)))
 
 
 def _dataset_value(name: str, out: Path, log: Log) -> str | None:
@@ -214,6 +285,33 @@ def tables(rows: list[dict[str, Any]], threshold: float) -> str:
     return "\n".join(out)
 
 
+def gmm_vs_sklearn(rows: list[dict[str, Any]]) -> str:
+    """The gmm rows beside scikit-learn's GaussianMixture on the same features (Markdown, or
+    "" without such rows): EM rounds, fit seconds and argmax accuracy, mean over seeds."""
+    by = {(r["dataset"], r["seed"], r["method"]): r for r in rows}
+    pairs: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for r in rows:
+        ours = by.get((r["dataset"], r["seed"], r.get("sklearn_of")))
+        if ours is not None:
+            pairs.setdefault((r["sklearn_of"], r["dataset"]), []).append((ours, r))
+    if not pairs:
+        return ""
+    out = ["", "", "raysl's gmm beside scikit-learn's GaussianMixture (same features, PCA, "
+           "components, initial parameters and EM rounds), mean over seeds. raysl fit s: the "
+           "whole fit (actors, features, moments round, EM); raysl EM s: its EM rounds only; "
+           "scikit-learn EM s: its fit on the projected rows:", "",
+           "| gmm | dataset | seeds | EM rounds | raysl fit s | raysl EM s | scikit-learn EM s "
+           "| raysl argmax acc % | scikit-learn argmax acc % |", "|" + "---|" * 9]
+    for (label, ds), ps in pairs.items():
+        def m(key: str, i: int, scale: float = 1.0, ps: list = ps) -> float:
+            return scale * float(np.mean([p[i].get(key, np.nan) for p in ps]))
+
+        out.append(f"| {label} | {ds} | {len(ps)} | {m('rounds', 1):.1f} | "
+                   f"{m('seconds', 0):.2f} | {m('em_seconds', 0):.2f} | {m('seconds', 1):.2f} | "
+                   f"{m('accuracy', 0, 100):.1f} | {m('accuracy', 1, 100):.1f} |")
+    return "\n".join(out)
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -238,6 +336,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--gmm", default=GMM_VARIANTS,
                     help="the gmm rows: comma-separated features:components[:pca_dim] "
                     "(default: %(default)s)")
+    for n in NEURAL:
+        ap.add_argument(f"--{n}", default=NEURAL_VARIANTS,
+                        help=f"the {n} rows: comma-separated feature spaces, backend.{n}.features "
+                        "(default: %(default)s)")
     ap.add_argument("--datasets", default=",".join(DATASETS),
                     help="comma-separated among %(default)s (fashion_mnist: skipped when "
                     "Debian's dataset-fashion-mnist is not installed)")
@@ -270,7 +372,20 @@ def main(argv: list[str]) -> int:
         ap.error(f"--gmm: {e}")
     methods: list[tuple[str, str, dict[str, Any]]] = []  # (row label, backend, overrides)
     for n in names:
-        methods += [(label, "gmm", ov) for label, ov in gmm_rows] if n == "gmm" else [(n, n, {})]
+        if n in NEURAL:
+            for feats in (f.strip() for f in getattr(args, n).split(",") if f.strip()):
+                ov = {f"backend.{n}.features": feats}
+                try:
+                    apply_overrides(base, ov)
+                except Exception as e:  # ConfigError: a feature space that does not exist
+                    ap.error(f"--{n}: {e}")
+                methods.append((f"{n} {feats}", n, ov))
+            continue
+        if n != "gmm":
+            methods.append((n, n, {}))
+            continue
+        for label, ov in gmm_rows:  # each gmm row, then scikit-learn's on its features
+            methods += [(label, "gmm", ov), (sklearn_label(label), SKLEARN, ov)]
     wanted = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in wanted if d not in DATASETS]
     if bad:
@@ -283,7 +398,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
-    done = {(r["dataset"], r["labels_per_class"], r["seed"], r["method"], r["overrides"])
+    done = {(r["dataset"], r["labels_per_class"], r["seed"], r["method"], r["overrides"]): r
             for r in _read_rows(rows_path)}
     threshold = base.select.threshold
 
@@ -315,17 +430,33 @@ def main(argv: list[str]) -> int:
                 state, base_secs = _baseline_state(
                     split, cfg, out / "work" / f"{ds}-{args.labels_per_class}-{seed}")
                 for label, name, ov in todo:
+                    extra: dict[str, Any] = {}
                     if not name:
                         secs, proba = label_spreading(split)
                         val_proba = label_spreading_val(split)
+                    elif name == SKLEARN:
+                        gmm_label = next(g for g, _ in gmm_rows if sklearn_label(g) == label)
+                        rounds = done.get((ds, args.labels_per_class, seed, gmm_label, ov_key),
+                                          {}).get("rounds")
+                        if rounds is None:  # a row of an older version: no rounds recorded
+                            log(f"{ds} seed {seed}: {label} skipped ({gmm_label}'s EM rounds "
+                                "unknown)")
+                            continue
+                        secs, proba, val_proba = sklearn_gmm(split, apply_overrides(cfg, ov),
+                                                             state, rounds)
+                        extra = {"rounds": rounds, "sklearn_of": gmm_label}
                     else:
-                        secs, proba, val_proba = fit_one(name, split, apply_overrides(cfg, ov),
-                                                         state, not args.local)
+                        secs, proba, val_proba, fitted, stamps = fit_one(
+                            name, split, apply_overrides(cfg, ov), state, not args.local)
+                        if name == "gmm":  # the EM rounds after the moments round, and their time
+                            extra = {"rounds": int(fitted["iter"]),
+                                     "em_seconds": stamps[-1] - stamps[0]}
                     row = {"dataset": ds, "labels_per_class": args.labels_per_class,
                            "labels": len(split.y_l), "seed": seed, "method": label,
                            "overrides": ov_key, "seconds": secs, "baseline_seconds": base_secs,
-                           "executor": "local" if args.local else "ray",
+                           "executor": "local" if args.local else "ray", **extra,
                            **score(proba, val_proba, split, threshold)}
+                    done[(ds, args.labels_per_class, seed, label, ov_key)] = row
                     with rows_path.open("a") as f:
                         f.write(json.dumps(_json_safe(row)) + "\n")
                     log(f"{ds} seed {seed}: {label} {secs:.1f}s, argmax accuracy "
@@ -339,7 +470,7 @@ def main(argv: list[str]) -> int:
     rows = [r for r in _read_rows(rows_path) if r["dataset"] in wanted and r["seed"] in seeds
             and r["labels_per_class"] == args.labels_per_class and r["overrides"] == ov_key
             and r["method"] in {m[0] for m in methods} | {"labelspreading (knn 7)"}]
-    text = tables(rows, threshold)
+    text = tables(rows, threshold) + gmm_vs_sklearn(rows)
     mode = " and ".join(sorted({"Ray actors (2 CPUs)" if r.get("executor", "ray") == "ray"
                                 else "the in-process executor" for r in rows}))
     baseline_seconds: dict[str, dict[int, float]] = {}
@@ -349,16 +480,19 @@ def main(argv: list[str]) -> int:
     base_note = "; ".join(f"{d} {np.mean(list(s.values())):.1f} s"
                           for d, s in baseline_seconds.items())
     note = (f"\nFits over {base.data.n_shards} unlabeled shards with {mode}. `self` and "
-            "`gmm embedding` read the pipeline's baseline classifier, trained in this process"
+            "the `embedding` rows read the pipeline's baseline classifier, trained in this "
+            "process"
             + (f" (mean training time: {base_note})" if base_note else "") + "; its "
             "training is not in `fit s`. T (unguarded): fitted on the validation split in "
             f"[{OLD_T_BOUNDS[0]}, {OLD_T_BOUNDS[1]}]; T (calibrate): raysl.calibration.calibrate, "
             "the pipeline's `backend.calibrate` (T in [0.5, 10]; 1.00 when the fit was "
-            "degenerate).")
+            "degenerate). scikit-learn's GaussianMixture: in this process on raysl's projected "
+            "features (computing them is not in its `fit s`), from raysl's initial parameters, "
+            "for raysl's EM rounds; it has no labeled term.")
     print("\n" + text + "\n" + note)
     (out / "table.md").write_text(text + "\n" + note + "\n")
     return 0
 
 
-__all__ = ["DATASETS", "THRESHOLDS", "at_threshold", "label_spreading", "main", "parse_gmm",
-           "score", "tables"]
+__all__ = ["DATASETS", "THRESHOLDS", "at_threshold", "gmm_vs_sklearn", "label_spreading", "main",
+           "parse_gmm", "score", "sklearn_gmm", "tables"]

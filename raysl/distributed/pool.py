@@ -228,16 +228,16 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
-def _route(table: pa.Table, plan: tuple[np.ndarray, np.ndarray, np.ndarray]
+def _route(table: pa.Table, plan: tuple[np.ndarray, np.ndarray, np.ndarray], n_out: int
            ) -> list[dict[str, np.ndarray]]:
-    """One block's rows by destination (the driver, the test set, shard 0, 1, ...)."""
+    """One block's rows by destination ``0..n_out-1`` (the driver, the test set, shard 0, 1,
+    ...), some possibly empty."""
     ids_sorted, dest, key = plan
     ids = table.column("id").to_numpy()
     at = np.searchsorted(ids_sorted, ids)
     d, k = dest[at], key[at]
     x = _as_float(tensor_to_numpy(table.column("x")))
-    n_out = int(dest.max()) + 1 if len(dest) else 1
-    return [{"key": k[d == o], "x": x[d == o]} for o in range(max(n_out, _POOL))]
+    return [{"key": k[d == o], "x": x[d == o]} for o in range(n_out)]
 
 
 def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
@@ -291,7 +291,7 @@ def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
     # 3. route every block's rows
     n_out = _POOL + cfg.n_shards
     route = ray.remote(num_returns=n_out, num_cpus=TASK_CPUS)(_route)
-    routed = [route.remote(b, plan) for b in blocks]
+    routed = [route.remote(b, plan, n_out) for b in blocks]
     del blocks  # the read blocks are freed once routed
     mine = np.concatenate([idx_l, idx_v])
     x_mine = assemble(ray.get([r[_DRIVER] for r in routed]), x_shape, np.sort(mine))
