@@ -185,12 +185,17 @@ def test_predict_proba_rows_are_distributions(split: Split, name: str, shape: st
     np.testing.assert_allclose(backend.predict_proba(sp.x_u[:7])[3], res.proba[3], atol=1e-6)
 
 
+def _small_fit() -> BackendConfig:
+    """A few rounds of small networks on the inputs: seconds per fit."""
+    return BackendConfig(vae=VAEConfig(rounds=3, local_epochs=3, batch_size=32, hidden=64,
+                                       m1_dim=0, features="inputs"),
+                         gan=GANConfig(rounds=3, local_epochs=3, batch_size=32, hidden=64,
+                                       features="inputs"))
+
+
 @pytest.mark.parametrize("name", NEURAL)
 def test_a_small_fit_beats_chance_on_digits(split: Split, name: str) -> None:
-    cfg = BackendConfig(vae=VAEConfig(rounds=3, local_epochs=3, batch_size=32, hidden=64,
-                                      m1_dim=0, features="inputs"),
-                        gan=GANConfig(rounds=3, local_epochs=3, batch_size=32, hidden=64,
-                                      features="inputs"))
+    cfg = _small_fit()
     sp = _small(split, 600)
     res, _ = _fit(name, sp, cfg)
     acc = float((res.proba.argmax(1) == sp.y_u).mean())
@@ -355,10 +360,7 @@ def test_embedding_features_model_the_classifier_embedding(
 @pytest.mark.parametrize("name", NEURAL)
 def test_a_small_fit_in_the_embedding_beats_the_same_fit_on_the_inputs(
         split: Split, classifier_state: dict[str, np.ndarray], name: str) -> None:
-    cfg = BackendConfig(vae=VAEConfig(rounds=3, local_epochs=3, batch_size=32, hidden=64,
-                                      m1_dim=0, features="inputs"),
-                        gan=GANConfig(rounds=3, local_epochs=3, batch_size=32, hidden=64,
-                                      features="inputs"))
+    cfg = _small_fit()
     sp = _small(split, 600)
     inputs, _ = _fit(name, sp, cfg)
     embedded, _ = _fit_embedding(name, sp, classifier_state, cfg)
