@@ -6,7 +6,9 @@ class-folder trees and image manifests; local paths, folders, globs and any URI 
 files and checks what can be checked without reading them (a missing path, an empty folder, the
 label and feature columns, the class folders, the first image's header) on the driver, before
 Ray starts; then a reader of :data:`READERS` makes a Ray Dataset (rows ``id``, ``x``, ``label``:
-:mod:`raysl.readers.rows`) and collects it into a :class:`raysl.data.Dataset`.
+:mod:`raysl.readers.rows`) and collects it into a :class:`raysl.data.Dataset`. A run on Ray
+calls the plan's ``split`` instead (:func:`raysl.pipeline.check`): the split is made with the
+unlabeled pool and the test set left in the object store (:mod:`raysl.distributed.pool`).
 
 Ray: the read runs in the Ray session already up (a job's, Tune's, the tests', or the run's
 own: :func:`raysl.pipeline.run` starts it at ``ray.address`` before the read, after
