@@ -41,6 +41,12 @@ T_MAX = 10.0
 _EPS = 1e-12
 
 
+# Bumped whenever :func:`calibrate` gives other temperatures for the same inputs: it is part of
+# the backend's cache key, so probabilities cached by an older version are refitted (2: T
+# bounded to [0.5, 10], a degenerate fit keeps T = 1).
+VERSION = 2
+
+
 def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
     """``softmax(log proba / t)``, (n, C) -> (n, C); ``t == 1`` returns the input."""
     if t <= 0:

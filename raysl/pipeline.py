@@ -357,8 +357,11 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                      classifier_state if reads_classifier else None)
     # `self` (and the GMM in its embedding) depend on the baseline through its weights (which
     # hold train.hidden)
+    from raysl.calibration import VERSION as CALIBRATION
+
     key = cache_key(b.name, split.key, config_part("backend", cfg),
-                    classifier_state if reads_classifier else None)
+                    classifier_state if reads_classifier else None,
+                    CALIBRATION if b.calibrate else None)
     path = (cache_dir or out / "cache") / f"proba-{b.name}-{key}.npz"
     cached = _read_cache(path)
     if cached is None and require_cached:

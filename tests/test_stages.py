@@ -122,6 +122,24 @@ def test_backend_cache_is_written_through_a_closed_file(digits_split, tmp_path: 
     assert unclosed == [], [str(w.message) for w in unclosed]
 
 
+def test_probabilities_cached_by_another_calibration_version_are_refitted(
+        digits_split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change to how calibration fits T bumps raysl.calibration.VERSION; a cache written
+    before it is not reused (its T would be the old method's)."""
+    import raysl.calibration
+
+    first = pipeline.pseudo_label(digits_split, _fast(), tmp_path, {})
+    again = pipeline.pseudo_label(digits_split, _fast(), tmp_path, {})
+    monkeypatch.setattr(raysl.calibration, "VERSION", raysl.calibration.VERSION + 1)
+    newer = pipeline.pseudo_label(digits_split, _fast(), tmp_path, {})
+    uncalibrated = _fast(**{"backend.calibrate": False})
+    off = pipeline.pseudo_label(digits_split, uncalibrated, tmp_path, {})
+    monkeypatch.setattr(raysl.calibration, "VERSION", raysl.calibration.VERSION + 1)
+    assert pipeline.pseudo_label(digits_split, uncalibrated, tmp_path, {})["cached"]
+    assert not first["cached"] and again["cached"] and not newer["cached"]
+    assert not off["cached"]
+
+
 def test_the_embedding_gmm_is_refitted_for_another_baseline(digits_split,
                                                             tmp_path: Path) -> None:
     cfg = _fast(**{"backend.gmm.features": "embedding", "backend.gmm.pca_dim": 8})
