@@ -105,10 +105,6 @@ class RemoteRows:
             return len(self.keep)
         return sum(b - a for a, b in self.bounds)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.row_shape)
-
     def __getitem__(self, mask: np.ndarray) -> RemoteRows:
         mask = np.asarray(mask)
         if mask.dtype != bool or mask.shape != (len(self),):
@@ -293,11 +289,9 @@ def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
     route = ray.remote(num_returns=n_out, num_cpus=TASK_CPUS)(_route)
     routed = [route.remote(b, plan, n_out) for b in blocks]
     del blocks  # the read blocks are freed once routed
-    mine = np.concatenate([idx_l, idx_v])
-    x_mine = assemble(ray.get([r[_DRIVER] for r in routed]), x_shape, np.sort(mine))
-    at = {int(p): i for i, p in enumerate(np.sort(mine))}
-    x_l = x_mine[[at[int(p)] for p in idx_l]]
-    x_v = x_mine[[at[int(p)] for p in idx_v]]
+    mine = np.sort(np.concatenate([idx_l, idx_v]))  # their keys are their positions
+    x_mine = assemble(ray.get([r[_DRIVER] for r in routed]), x_shape, mine)
+    x_l, x_v = (x_mine[np.searchsorted(mine, idx)] for idx in (idx_l, idx_v))
     test = RemoteRows((tuple(r[_TEST] for r in routed),), ((0, len(idx_t)),), x_shape)
     pool = RemoteRows(tuple(tuple(r[_POOL + i] for r in routed) for i in range(cfg.n_shards)),
                       tuple(bounds), x_shape)
