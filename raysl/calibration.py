@@ -47,17 +47,35 @@ _EPS = 1e-12
 VERSION = 2
 
 
-def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
-    """``softmax(log proba / t)``, (n, C) -> (n, C); ``t == 1`` returns the input."""
+def apply_temperature(proba: np.ndarray, t: float, out: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """``softmax(log proba / t)``, (n, C) -> (n, C) of ``proba``'s float dtype; ``t == 1``
+    returns the input. ``out``: the array to write (``proba`` itself scales it in place, row
+    block by row block: a pool's probabilities are not held twice)."""
     if t <= 0:
         raise ValueError(f"temperature must be > 0, got {t}")
     if t == 1.0:
         return proba
-    out = np.empty(proba.shape, np.float64)
+    if out is None:
+        dtype = proba.dtype if proba.dtype in (np.float32, np.float64) else np.float64
+        out = np.empty(proba.shape, dtype)
     for a in range(0, len(proba), _CHUNK):  # row blocks: no whole-size temporaries
         out[a : a + _CHUNK] = np.exp(log_softmax(
             np.log(np.maximum(proba[a : a + _CHUNK], _EPS)) / t, axis=1))
     return out
+
+
+def ece_at_temperature(proba: np.ndarray, y: np.ndarray, t: float) -> float:
+    """:func:`raysl.metrics.expected_calibration_error` of ``apply_temperature(proba, t)``
+    against ``y`` (n,), without holding the scaled (n, C) array (row blocks)."""
+    from raysl.metrics import ece_from
+
+    conf = np.empty(len(proba))
+    pred = np.empty(len(proba), np.int64)
+    for a in range(0, len(proba), _CHUNK):
+        p = apply_temperature(proba[a : a + _CHUNK], t)
+        conf[a : a + _CHUNK], pred[a : a + _CHUNK] = p.max(1), p.argmax(1)
+    return ece_from(conf, pred, y)
 
 
 _CHUNK = 65536  # rows at a time: a pool of millions needs a few MB of temporaries, not GBs

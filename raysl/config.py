@@ -80,9 +80,10 @@ class VAEConfig:
     latent_dim: int = 16  # z of M2
     m1_dim: int = 32  # latent size of the M1 VAE that M2 is stacked on; 0: M2 on the inputs
     hidden: int = 256
-    # what the networks model: "inputs" (the rows themselves) or "embedding" (the baseline
-    # classifier's penultimate layer, computed on each shard, standardized)
-    features: str = "inputs"
+    # what the networks model: "embedding" (the baseline classifier's penultimate layer,
+    # computed on each shard, standardized) or "inputs" (the rows themselves). 10 labels per
+    # class, 3 seeds: 93.8% vs 83.9% on mnist5k, 70.7% vs 71.6% on Fashion-MNIST, 2-3x faster
+    features: str = "embedding"
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,10 @@ class GANConfig:
     lr: float = 1e-3  # Adam, both networks; constant for half the rounds, then linear decay
     noise_dim: int = 64  # generator input
     hidden: int = 256
-    # what the discriminator classifies and the generator generates: "inputs" or "embedding"
-    # (the baseline classifier's penultimate layer, as for backend.vae.features)
-    features: str = "inputs"
+    # what the discriminator classifies and the generator generates: "embedding" (the
+    # baseline classifier's penultimate layer, as for backend.vae.features) or "inputs".
+    # 10 labels per class, 3 seeds: 92.7% vs 82.0% on mnist5k, 69.8% vs 70.1% on Fashion-MNIST
+    features: str = "embedding"
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,7 @@ class BackendConfig:
     name: str = "auto"
     actor_cpus: float = 0.5  # fractional, so actors fit beside each other on small machines
     # temperature-scale the probabilities on the validation split (argmax labels unchanged);
-    # T is bounded and kept only when cross-validation on those rows confirms it
-    # (raysl.calibration.calibrate)
+    # T is bounded to [0.5, 10] and a degenerate fit keeps T = 1 (raysl.calibration.calibrate)
     calibrate: bool = True
     # Iterative self-training: rounds > 1 re-label the unlabeled pool with the last joint model
     # (as the `self` backend, same selection) and train the joint model again, each round.

@@ -24,9 +24,16 @@ def pseudo_label_metrics(sel: Selection, y_true: np.ndarray) -> dict[str, float]
 
 def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
     """ECE of ``proba`` (n, C) against ``y_true`` (n,) over equal-width confidence bins."""
+    # not proba[known]: no copy of the whole (n, C) array
+    return ece_from(proba.max(1), proba.argmax(1), y_true, bins)
+
+
+def ece_from(conf: np.ndarray, pred: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
+    """ECE from each row's confidence (n,) and predicted class (n,) against ``y_true`` (n,)
+    (rows with ``y_true < 0`` are left out)."""
     known = y_true >= 0
-    conf = proba.max(1)[known]  # not proba[known]: no copy of the whole (n, C) array
-    correct = proba.argmax(1)[known] == y_true[known]
+    conf = conf[known]
+    correct = pred[known] == y_true[known]
     if len(conf) == 0:
         return float("nan")
     edges = np.linspace(0.0, 1.0, bins + 1)

@@ -401,7 +401,8 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
 
             cal = calibrate(val_proba, split.y_val)
             temperature = cal.temperature
-            res_proba = res.proba = apply_temperature(res_proba, temperature)  # one (n_u, C)
+            # in place: the pool's probabilities are the driver's largest per-row array
+            res_proba = apply_temperature(res_proba, temperature, out=res_proba)
             val_proba = apply_temperature(val_proba, temperature)
             logger.info("[pseudo-label] %s: temperature scaling on %d validation rows: T=%.3g "
                         "(validation NLL %.3f, %.3f at T=1%s)", b.name, cal.n, temperature,
@@ -576,10 +577,9 @@ def _calibration_metrics(split: Split, rec: dict[str, Any]) -> dict[str, float]:
     t = float(rec.get("temperature", float("nan")))
     out = {"temperature": t}
     if math.isfinite(t) and t != 1.0:
-        from raysl.calibration import apply_temperature
+        from raysl.calibration import ece_at_temperature
 
-        out["ece_uncalibrated"] = expected_calibration_error(
-            apply_temperature(rec["proba"], 1.0 / t), split.y_u)
+        out["ece_uncalibrated"] = ece_at_temperature(rec["proba"], split.y_u, 1.0 / t)
     return out
 
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raysl.calibration import T_MAX, T_MIN, apply_temperature, calibrate, fit_temperature, nll
+from raysl.calibration import (
+    T_MAX,
+    T_MIN,
+    apply_temperature,
+    calibrate,
+    ece_at_temperature,
+    fit_temperature,
+    nll,
+)
 from raysl.metrics import expected_calibration_error
 
 
@@ -109,3 +117,29 @@ def test_default_config_calibrates_and_reports_ece_before_and_after(tmp_path: Pa
     again = pipeline.pseudo_label(split, cfg, tmp_path, {})
     assert again["cached"] and again["temperature"] == t
     np.testing.assert_array_equal(again["proba"], pl["proba"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_temperature_in_place_and_in_blocks_equals_the_plain_formula(
+        dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline scales the pool's probabilities in place, a block of rows at a time: the
+    same numbers as softmax(log p / T) on the whole array, in the input's dtype; the pool's
+    ECE at a temperature, computed in blocks, is the ECE of the scaled array."""
+    import raysl.calibration as cal
+
+    monkeypatch.setattr(cal, "_CHUNK", 7)  # several blocks and a ragged last one
+    proba, y = _model(100, sharpen=3.0)
+    proba = proba.astype(dtype)
+    logp = np.log(np.maximum(proba.astype(np.float64), 1e-12)) / 4.0
+    want = np.exp(logp - logp.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    copy = apply_temperature(proba, 4.0)
+    assert copy.dtype == dtype and copy is not proba
+    same = proba.copy()
+    assert apply_temperature(same, 4.0, out=same) is same
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(copy, want, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(same, copy)
+    y[::5] = -1  # unknown labels are left out of both
+    assert ece_at_temperature(proba, y, 4.0) == pytest.approx(
+        expected_calibration_error(copy, y), abs=tol)  # float32 means: float32 rounding

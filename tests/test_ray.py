@@ -91,7 +91,7 @@ def test_vae_actor_fit_equals_local_fit(split) -> None:
     """FedAvg rounds through Ray actors (state via the object store) == the in-process loop."""
     cfg = apply_overrides(Config(), {
         "backend.vae.rounds": 2, "backend.vae.local_epochs": 1, "backend.vae.hidden": 32,
-        "backend.vae.latent_dim": 4, "backend.vae.m1_dim": 8})
+        "backend.vae.latent_dim": 4, "backend.vae.m1_dim": 8, "backend.vae.features": "inputs"})
     ctx = FitContext(split.n_classes, split.input_shape, seed=0)
     local, remote = _fit_both("vae", split, ctx, cfg, n_shards=2)
     assert local.rounds == remote.rounds == 2

@@ -61,7 +61,8 @@ def test_what_each_stage_depends_on() -> None:
 def test_a_backend_in_the_embedding_depends_on_the_baseline(name: str) -> None:
     """backend.<name>.features=embedding reads the baseline classifier: a change to the
     baseline refits it; the backend on its inputs stays independent of train.*."""
-    pca = apply_overrides(Config(), {"backend.name": name})
+    plain = {"gmm": "pca"}.get(name, "inputs")
+    pca = apply_overrides(Config(), {"backend.name": name, f"backend.{name}.features": plain})
     emb = apply_overrides(pca, {f"backend.{name}.features": "embedding"})
     assert f"backend.{name}.features" in depends_on("backend", pca)
     assert set(closure("baseline", emb)) <= set(closure("backend", emb))

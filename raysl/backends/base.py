@@ -89,8 +89,11 @@ class ShardWorker:
         return self.backend.shard_stats(self.shard)
 
     def predict(self, state: dict[str, Any]) -> np.ndarray:
+        """The shard's probabilities (n_i, C) as float32: the driver gathers one row per
+        pool row, and float64's extra digits change no label and no threshold decision that
+        matters (they are calibrated, thresholded and stored as confidences)."""
         self.backend.load_state_dict(state)
-        return self.backend.predict_proba(self.shard.x_u)
+        return np.asarray(self.backend.predict_proba(self.shard.x_u), np.float32)
 
 
 class Executor(Protocol):
@@ -114,7 +117,7 @@ class LocalExecutor:
 
 @dataclass
 class FitResult:
-    proba: np.ndarray  # (n_u, C), rows in shard order = unlabeled pool order
+    proba: np.ndarray  # (n_u, C) float32, rows in shard order = unlabeled pool order
     objective: list[float] = field(default_factory=list)  # one per round
     rounds: int = 0
     seconds: float = 0.0

@@ -47,7 +47,7 @@ class Stats:
 
 def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """Raw moments of rows ``x`` (n, D): (n, Σx (D,), Σxxᵀ (D, D)), in float64."""
-    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x.reshape(len(x), -1).astype(np.float64, copy=False)
     return len(x), x.sum(0), x.T @ x
 
 
@@ -130,6 +130,8 @@ class GMMBackend:
         self.state: dict[str, Any] = {"phase": "moments", "iter": 0, "objective": -np.inf}
         self._x_l: np.ndarray | None = None
         self._y_l: np.ndarray | None = None
+        # (mean, proj, the labeled rows projected): see _labeled
+        self._z_l: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # (shard, mean, proj, projected rows): see _projected
         self._z_cache: tuple[Shard, np.ndarray, np.ndarray, np.ndarray] | None = None
         # the classifier's penultimate layer as the feature space, or None: the inputs
@@ -137,7 +139,7 @@ class GMMBackend:
 
     # -- driver side -------------------------------------------------------------------
     def init(self, x_l: np.ndarray, y_l: np.ndarray) -> None:
-        self._x_l, self._y_l = self.features(x_l), y_l  # the labeled rows' features (n_l, D)
+        self._x_l, self._y_l, self._z_l = x_l, y_l, None
         self.state = {"phase": "moments", "iter": 0, "objective": -np.inf}
 
     @property
@@ -147,10 +149,10 @@ class GMMBackend:
     def merge(self, stats: Sequence[Any]) -> float:
         assert self._x_l is not None and self._y_l is not None, "call init() first"
         if self.state["phase"] == "moments":
-            self._init_from_moments([moments(self._x_l), *stats])
+            self._init_from_moments([moments(self.features(self._x_l)), *stats])
             return -np.inf
         st = self.state
-        labeled = e_step(self._project_features(self._x_l), self._y_l, st["weights"],
+        labeled = e_step(self._labeled(), self._y_l, st["weights"],
                          st["means"], st["covs"], self.comp_class)
         total = sum(stats, labeled)
         objective = total.loglik + log_prior(st["covs"], st["rho"])
@@ -175,7 +177,7 @@ class GMMBackend:
         sxx = sum(p[2] for p in parts)
         mean, proj, evals = pca_from_moments(n, sx, sxx, self.cfg.pca_dim)
         self.state.update(mean=mean, proj=proj)
-        z_l = self._project_features(self._x_l)
+        z_l = self._labeled()
         d, k = proj.shape[1], self.cfg.components_per_class
         rng = np.random.default_rng(self.ctx.seed)
         # Means start at the labeled class means (spread by a little noise when a class has
@@ -193,6 +195,16 @@ class GMMBackend:
         covs = np.repeat((0.5 * (cov + cov.T) + rho * np.eye(d))[None], len(means), axis=0)
         weights = np.full(len(means), 1.0 / len(means))
         self.state.update(phase="em", weights=weights, means=means, covs=covs, rho=rho)
+
+    def _labeled(self) -> np.ndarray:
+        """The labeled rows in the PCA space (n_l, d), projected once per projection: the
+        driver keeps these few columns, not the rows' float64 features (n_l, D)."""
+        assert self._x_l is not None, "call init() first"
+        st, c = self.state, self._z_l
+        if c is None or not np.array_equal(c[0], st["mean"]) or not np.array_equal(c[1],
+                                                                                   st["proj"]):
+            c = self._z_l = (st["mean"], st["proj"], self._project(self._x_l))
+        return c[2]
 
     # -- worker side -------------------------------------------------------------------
     def shard_stats(self, shard: Shard) -> Any:
