@@ -41,6 +41,7 @@ from raysl.config import Config, TrainConfig, dump_yaml
 from raysl.data import Dataset, Remote, Split, load_dataset, make_split, shard
 from raysl.errors import ConfigError
 from raysl.io import sha256_file, write_json, write_npz, write_text, write_with
+from raysl.memory import trim
 from raysl.metrics import expected_calibration_error, pseudo_label_metrics
 from raysl.models import build_model
 from raysl.preprocess import Standardize, standardize_split
@@ -73,7 +74,9 @@ def check(cfg: Config, dataset: Dataset | None = None) -> Split:
     if split is None:
         split = make_split(dataset if dataset is not None else load_dataset(cfg.data), cfg.data)
     _check_model(split, cfg)
-    return _standardized(split, cfg)
+    split = _standardized(split, cfg)
+    trim()  # the split's transient per-row arrays (raysl.memory)
+    return split
 
 
 def _split_in_store(cfg: Config) -> Split | None:
@@ -128,7 +131,9 @@ def prepare(split: Split, cfg: Config) -> Split:
     :func:`check` does."""
     _check_names(cfg)
     _check_model(split, cfg)
-    return _standardized(split, cfg)
+    split = _standardized(split, cfg)
+    trim()  # the split's transient per-row arrays (raysl.memory)
+    return split
 
 
 def _standardized(split: Split, cfg: Config) -> Split:
@@ -415,6 +420,8 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                   nodes=nodes, temperature=temperature)
         info = {"seconds": res.seconds, "rounds": res.rounds, "objective": res.objective,
                 "nodes": nodes, "temperature": temperature, "cached": False}
+        del res, labeler
+        trim()  # the fit's transient per-row arrays (raysl.memory)
     return {"backend": b.name, "proba": res_proba, "val_proba": val_proba, "key": key,
             "val_accuracy": _accuracy(val_proba, split.y_val),
             "val_ece": expected_calibration_error(val_proba, split.y_val), **info}
@@ -476,6 +483,7 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, stage: str = "jo
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
                      **online)
     key = cache_key("joint", split.key, config_part("joint", cfg), sel_key)
+    trim()  # the selection's transient per-row arrays, before the job starts (raysl.memory)
     return train_stage(stage, split, cfg, out, data, key, **train_kwargs)
 
 

@@ -8,6 +8,7 @@ travels. Actors are killed when the fit ends, so their CPUs are free for the nex
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +19,11 @@ from raysl.backends.base import BackendFactory, FitContext, Shard, ShardWorker
 
 
 class _ShardActor(ShardWorker):
+    def __init__(self, factory: BackendFactory, backend_cfg: Any, ctx: FitContext,
+                 shard: Shard, labeled: tuple[np.ndarray, np.ndarray]) -> None:
+        super().__init__(factory, backend_cfg, ctx, replace(shard, x_l=labeled[0],
+                                                            y_l=labeled[1]))
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
@@ -34,9 +40,15 @@ class RayExecutor:
                                max_task_retries=2, scheduling_strategy="SPREAD")(_ShardActor)
         # The driver holds these refs for the executor's lifetime: a restarted actor re-reads
         # its constructor arguments, which must still exist (ray-project/ray#53727).
-        self._refs = [ray.put(ctx), *[ray.put(s) for s in shards]]
-        self.actors = [actor_cls.remote(factory, backend_cfg, self._refs[0], ref)
-                       for ref in self._refs[1:]]
+        # The labeled rows are put once, not once per shard: every shard has the same ones,
+        # and each copy the driver writes into the store counts in its resident memory.
+        labeled = (shards[0].x_l, shards[0].y_l) if shards else (None, None)
+        if any(s.x_l is not labeled[0] or s.y_l is not labeled[1] for s in shards):
+            raise ValueError("every shard must hold the same labeled arrays")
+        self._refs = [ray.put(ctx), ray.put(labeled),
+                      *[ray.put(replace(s, x_l=None, y_l=None)) for s in shards]]
+        self.actors = [actor_cls.remote(factory, backend_cfg, self._refs[0], ref, self._refs[1])
+                       for ref in self._refs[2:]]
 
     def stats(self, state: dict[str, Any]) -> list[Any]:
         ref = ray.put(state)
