@@ -676,6 +676,9 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
         sel = _select_and_record(split, cfg, pl, base, metrics)
         write_pseudo_labels(out / "pseudo_labels.parquet", split, sel,
                             metrics["pseudo_labels"]["backend"] or "")
+        # the backends' probabilities (every candidate's, with `auto`) are cached on disk and
+        # not needed by the joint job: not held through it
+        pl = None
         if stages != "pseudo-label":
             _joint_and_final(split, cfg, out, sel, base, metrics)
     finally:
