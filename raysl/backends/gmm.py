@@ -45,10 +45,27 @@ class Stats:
                      self.loglik + other.loglik)
 
 
+# Rows are converted to float64 a block of about this many bytes at a time: a shard of 350,000
+# images as float64 would be 2.2 GB, the driver's labeled rows tens of MB.
+_BLOCK_BYTES = 1 << 23
+
+
+def _block_rows(width: int) -> int:
+    return max(1, _BLOCK_BYTES // (8 * max(width, 1)))
+
+
 def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Raw moments of rows ``x`` (n, D): (n, Σx (D,), Σxxᵀ (D, D)), in float64."""
-    x = x.reshape(len(x), -1).astype(np.float64, copy=False)
-    return len(x), x.sum(0), x.T @ x
+    """Raw moments of rows ``x`` (n, D): (n, Σx (D,), Σxxᵀ (D, D)), in float64, summed over
+    row blocks (no float64 copy of ``x``)."""
+    x = x.reshape(len(x), -1)
+    d = x.shape[1]
+    sx, sxx = np.zeros(d), np.zeros((d, d))
+    step = _block_rows(d)
+    for a in range(0, len(x), step):
+        block = x[a : a + step].astype(np.float64, copy=False)
+        sx += block.sum(0)
+        sxx += block.T @ block
+    return len(x), sx, sxx
 
 
 def pca_from_moments(n: int, sx: np.ndarray, sxx: np.ndarray,
@@ -234,15 +251,20 @@ class GMMBackend:
         return self._embedding(shard.x_u, keep=True)
 
     def features(self, x: np.ndarray) -> np.ndarray:
-        """Rows ``x`` (n, ...) in the space the PCA is fitted in: (n, D) float64, D the
-        flattened input size or the classifier's hidden width."""
+        """Rows ``x`` (n, ...) in the space the PCA is fitted in: (n, D), D the flattened
+        input size (the rows reshaped, in their dtype) or the classifier's hidden width."""
         if self._embedding is None:
-            return x.reshape(len(x), -1).astype(np.float64)
+            return x.reshape(len(x), -1)
         return self._embedding(x)
 
     def _project_features(self, f: np.ndarray) -> np.ndarray:
-        """Features (n, D) -> the PCA space (n, d)."""
-        return (f.astype(np.float64) - self.state["mean"]) @ self.state["proj"]
+        """Features (n, D) -> the PCA space (n, d) float64, a block of rows at a time."""
+        mean, proj = self.state["mean"], self.state["proj"]
+        out = np.empty((len(f), proj.shape[1]))
+        step = _block_rows(f.shape[1])
+        for a in range(0, len(f), step):
+            out[a : a + step] = (f[a : a + step].astype(np.float64) - mean) @ proj
+        return out
 
     def _project(self, x: np.ndarray) -> np.ndarray:
         """Rows ``x`` (n, ...) -> the PCA space (n, d)."""
