@@ -17,7 +17,7 @@ calling :func:`raysl.data.make_split` would, except that ``x_u`` and ``x_test`` 
 A :class:`RemoteRows` is fetched (:meth:`RemoteRows.fetch`) where it is used: by a shard
 actor (its own shard), a Ray Train worker (the pseudo-labeled rows), an evaluation task (a part
 of the test set); never by the driver. The driver keeps O(n) labels, ids and, later, the
-backend's probabilities: 16 bytes + 8 per class a row, against 3,136 for a 28x28 image.
+backend's probabilities: 16 bytes + 4 per class a row (float32), against 3,136 for a 28x28 image.
 """
 
 from __future__ import annotations
