@@ -119,6 +119,12 @@ class BackendConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     gan: GANConfig = field(default_factory=GANConfig)
 
+    @property
+    def in_embedding(self) -> bool:
+        """True when backend ``name`` is fitted in the baseline classifier's embedding
+        (``backend.<name>.features=embedding``): its fit then depends on the baseline."""
+        return getattr(getattr(self, self.name, None), "features", None) == "embedding"
+
 
 @dataclass(frozen=True)
 class SelectConfig:

@@ -73,10 +73,7 @@ def check(cfg: Config, dataset: Dataset | None = None) -> Split:
     split = _split_in_store(cfg) if dataset is None else None
     if split is None:
         split = make_split(dataset if dataset is not None else load_dataset(cfg.data), cfg.data)
-    _check_model(split, cfg)
-    split = _standardized(split, cfg)
-    trim()  # the split's transient per-row arrays (raysl.memory)
-    return split
+    return _prepared(split, cfg)
 
 
 def _split_in_store(cfg: Config) -> Split | None:
@@ -130,6 +127,11 @@ def prepare(split: Split, cfg: Config) -> Split:
     """A split made elsewhere (e.g. by the estimator), checked and standardized as
     :func:`check` does."""
     _check_names(cfg)
+    return _prepared(split, cfg)
+
+
+def _prepared(split: Split, cfg: Config) -> Split:
+    """What :func:`check` and :func:`prepare` do to a split once the names are checked."""
     _check_model(split, cfg)
     split = _standardized(split, cfg)
     trim()  # the split's transient per-row arrays (raysl.memory)
@@ -360,7 +362,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     ctx = FitContext(split.n_classes, split.input_shape, cfg.data.seed,
                      model_width(cfg.train, split),
                      classifier_state if reads_classifier else None)
-    # `self` (and the GMM in its embedding) depend on the baseline through its weights (which
+    # `self` (and any backend in the embedding) depend on the baseline through its weights (which
     # hold train.hidden)
     from raysl.calibration import VERSION as CALIBRATION
 

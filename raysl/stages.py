@@ -65,7 +65,7 @@ def stage_name(stage: str, cfg: Config) -> str:
     if stage != "backend":
         return stage
     b = cfg.backend
-    if getattr(getattr(b, b.name, None), "features", None) == "embedding":
+    if b.in_embedding:
         return "backend:embedding"
     return f"backend:{b.name}" if f"backend:{b.name}" in STAGES else stage
 

@@ -45,7 +45,7 @@ def needs_classifier(cfg: BackendConfig) -> bool:
     ``self``, and ``gmm``, ``vae`` or ``gan`` in the classifier's embedding
     (``backend.<name>.features=embedding``, :class:`~raysl.backends.nets.ClassifierEmbedding`).
     Its fit then depends on the baseline, and its cache key holds the baseline's weights."""
-    return cfg.name == "self" or getattr(backend_section(cfg), "features", None) == "embedding"
+    return cfg.name == "self" or cfg.in_embedding
 
 
 def backend_section(cfg: BackendConfig) -> object:

@@ -182,14 +182,25 @@ class FedAvgBackend:
         self.embedding = embedding
         self.state: dict[str, Any] = {}
         self._model: nn.Module | None = None  # built lazily from the state, for predict
+        # a worker's own rows (its shard, the labeled set) standardized in the embedding:
+        # (array, shift, scale, rows as the networks see them), see _inputs
+        self._kept: list[tuple[np.ndarray, np.ndarray, float, np.ndarray]] = []
 
     def _inputs(self, x: np.ndarray, keep: bool = False) -> np.ndarray:
         """Rows ``x`` (n, ...) as the networks see them: the inputs, or their standardized
-        embedding (n, width) (``keep``: a worker's own rows, embedded once)."""
+        embedding (n, width) float32. ``keep``: a worker's own rows, which it trains on every
+        round: embedded and standardized once (the map is fixed in ``init``), kept by
+        identity."""
         if self.embedding is None:
             return x
-        f = self.embedding(x, keep)
-        return ((f - self.state["shift"]) / self.state["scale"]).astype(np.float32)
+        shift, scale = self.state["shift"], self.state["scale"]
+        for arr, s, c, z in self._kept:
+            if arr is x and c == scale and np.array_equal(s, shift):
+                return z
+        z = ((self.embedding(x) - shift) / scale).astype(np.float32)
+        if keep:
+            self._kept = [*self._kept[-3:], (x, shift, scale, z)]
+        return z
 
     # -- driver side ---------------------------------------------------------------------
     def init(self, x_l: np.ndarray, y_l: np.ndarray) -> None:

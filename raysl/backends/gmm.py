@@ -240,7 +240,7 @@ class GMMBackend:
         if (c is None or c[0] is not shard or not np.array_equal(c[1], st["mean"])
                 or not np.array_equal(c[2], st["proj"])):
             c = self._z_cache = (shard, st["mean"], st["proj"],
-                                 self._project_features(self._shard_features(shard)))
+                                 self.project_features(self._shard_features(shard)))
         return c[3]
 
     def _shard_features(self, shard: Shard) -> np.ndarray:
@@ -257,7 +257,7 @@ class GMMBackend:
             return x.reshape(len(x), -1)
         return self._embedding(x)
 
-    def _project_features(self, f: np.ndarray) -> np.ndarray:
+    def project_features(self, f: np.ndarray) -> np.ndarray:
         """Features (n, D) -> the PCA space (n, d) float64, a block of rows at a time."""
         mean, proj = self.state["mean"], self.state["proj"]
         out = np.empty((len(f), proj.shape[1]))
@@ -268,7 +268,7 @@ class GMMBackend:
 
     def _project(self, x: np.ndarray) -> np.ndarray:
         """Rows ``x`` (n, ...) -> the PCA space (n, d)."""
-        return self._project_features(self.features(x))
+        return self.project_features(self.features(x))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         st = self.state

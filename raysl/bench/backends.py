@@ -208,10 +208,7 @@ def sklearn_gmm(split: Split, cfg: Config, state: dict[str, Any] | None,
     f_u = gmm.features(split.x_u)
     gmm.merge([moments(f_u)])  # the moments round: PCA and initial parameters
     st = gmm.state_dict()
-
-    def project(f: np.ndarray) -> np.ndarray:
-        return (f - st["mean"]) @ st["proj"]
-
+    project = gmm.project_features
     z = np.concatenate([project(gmm.features(split.x_l)), project(f_u)])
     n_comp = len(st["means"])
     sk = GaussianMixture(n_components=n_comp, covariance_type="full", max_iter=max(rounds, 1),
