@@ -60,15 +60,25 @@ def rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+def rank_share(n: int, rank: int, world_size: int) -> np.ndarray:
+    """The positions among ``n`` rows that rank ``rank`` of ``world_size`` trains on, (n_r,):
+    every ``world_size``-th from ``rank``, fixed for the whole run, so a rank only ever needs
+    its own rows (Ray Train hands each rank just those, ``raysl.distributed.trainer``). With
+    fewer rows than ranks every rank shares them all."""
+    return np.arange(rank, n, world_size) if n >= world_size else np.arange(n)
+
+
 def rank_rows(n: int, steps: int, cfg: TrainConfig, epoch: int, rank: int, world_size: int,
               keys: tuple[int, int]) -> np.ndarray:
-    """Row indices (steps, mu × batch_size) into ``n`` rows for this rank: the same
-    permutation on every rank, then a rank-strided share (as a DistributedSampler), cycled when
-    there are few rows. ``keys`` name the generators (shared permutation, lone-rank fallback),
-    so each stream of rows is independent of the others."""
-    perm = rng(cfg.seed, epoch, keys[0]).permutation(n)[rank::world_size]
-    if len(perm) == 0:  # fewer rows than ranks
-        perm = rng(cfg.seed, epoch, rank, keys[1]).integers(0, n, 1)
+    """Row indices (steps, mu × batch_size) into ``n`` rows for this rank: its
+    :func:`rank_share`, in a per-(seed, epoch) order, cycled when there are few rows. One rank
+    draws a permutation of all ``n``. ``keys`` name the generators (permutation, the fallback
+    when there are fewer rows than ranks), so each stream is independent of the others."""
+    if n >= world_size:
+        share = rank_share(n, rank, world_size)
+        perm = share[rng(cfg.seed, epoch, keys[0]).permutation(len(share))]
+    else:
+        perm = rng(cfg.seed, epoch, rank, keys[1]).integers(0, n, 1) if n else np.zeros(0, int)
     return np.resize(perm, steps * cfg.mu * cfg.batch_size).reshape(steps, -1)
 
 

@@ -248,6 +248,8 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
         "epochs": len(outcome.history),
         "resumed_from_epoch": outcome.resumed_from_epoch,
         "nodes": len(set(outcome.nodes)) or 1,
+        # the rows each rank read through Ray Data (a split left in the object store)
+        "rank_rows": outcome.rank_rows,
         "history": outcome.history,
     }
     write_json(record_path, json_safe(record))  # last: its presence marks the stage done
@@ -478,21 +480,15 @@ def joint(split: Split, cfg: Config, out: Path, sel: Selection, stage: str = "jo
     # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
     online: dict[str, Any] = {}
     if cfg.train.fixmatch:
-        online = {"x_u": _for_training(split.x_u), "y_u": split.y_u}
+        online = {"x_u": split.x_u, "y_u": split.y_u}
         if cfg.train.offline == "prior" and m.any():  # every row's label, kept or not
             online.update(prior_label=sel.labels, prior_conf=sel.conf.astype(np.float32))
-    data = TrainData(split.x_l, split.y_l, _for_training(split.x_u[m]), sel.labels[m],
+    data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
                      sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
                      **online)
     key = cache_key("joint", split.key, config_part("joint", cfg), sel_key)
     trim()  # the selection's transient per-row arrays, before the job starts (raysl.memory)
     return train_stage(stage, split, cfg, out, data, key, **train_kwargs)
-
-
-def _for_training(x: Any) -> Any:
-    """Rows the Ray Train ranks read: an array, or rows left in the object store assembled
-    there once by a task (``RemoteRows.stored``), which every rank then reads zero-copy."""
-    return x.stored() if isinstance(x, Remote) else x
 
 
 def relabel_rounds(split: Split, cfg: Config, out: Path) -> tuple[str, list[dict]]:
@@ -737,6 +733,7 @@ def _joint_and_final(split: Split, cfg: Config, out: Path, sel: Selection,
     j = joint(split, cfg, out, sel)
     metrics["joint"] = {k: j[k] for k in ("test_accuracy", "val_accuracy", "seconds", "epochs",
                                           "resumed_from_epoch", "nodes", "cached")}
+    metrics["joint"]["rank_rows"] = j.get("rank_rows", [])  # not in records before it was
     last, rounds = relabel_rounds(split, cfg, out)
     if rounds:
         metrics["relabel"] = rounds

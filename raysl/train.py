@@ -6,7 +6,9 @@ call it directly. Batches are drawn from per-(seed, epoch, rank) generators, so
 - a resumed run redoes an epoch exactly (an epoch is safe to repeat after a crash);
 - the labeled stream does not depend on the pseudo-labeled one, so ``lambda_u = 0`` (or no
   kept pseudo-label) is exactly supervised training with the same budget;
-- pseudo-labeled rows are split across ranks like a DistributedSampler would.
+- each rank trains on a fixed share of the pseudo-labeled and unlabeled rows (every
+  world-size-th row, :func:`raysl.objectives.rank_share`), in a new order every epoch, so
+  a Ray Train rank reads only its own rows (:meth:`TrainData.for_rank`).
 
 With ``cfg.fixmatch`` the step also draws ``mu × batch_size`` rows of the unlabeled pool
 ``x_u``, labels their weak view online (the EMA teacher's prediction when there is one, else
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from raysl.config import TrainConfig
 from raysl.models import build_model
-from raysl.objectives import objectives
+from raysl.objectives import objectives, rank_share
 
 logger = logging.getLogger("raysl")
 
@@ -60,14 +62,45 @@ class TrainData:
     prior_label: np.ndarray | None = None  # (n_u,) int64
     prior_conf: np.ndarray | None = None  # (n_u,) float32
 
-    def fetched(self) -> TrainData:
-        """This data with rows left in Ray's object store (``x_p``, ``x_u`` of a split read by
-        :func:`raysl.distributed.pool.distribute`) fetched as arrays, where this runs: a Ray
-        Train worker, not the driver."""
-        from raysl.data import materialize
+    def for_rank(self, rank: int, world_size: int,
+                 read: Callable[[str, np.ndarray], np.ndarray]) -> TrainData:
+        """This data as rank ``rank`` trains on it: the row fields left in Ray's object store
+        (``x_p``, ``x_u`` of a split read by :func:`raysl.distributed.pool.distribute`) become
+        :class:`RankRows` of this rank's share (:func:`raysl.objectives.rank_share`), whose
+        rows ``read(field, positions)`` returns (Ray Train: the rank's dataset shard); arrays
+        stay as they are."""
+        from raysl.data import Remote
 
-        return replace(self, x_p=materialize(self.x_p),
-                       x_u=None if self.x_u is None else materialize(self.x_u))
+        def local(field: str) -> Any:
+            x = getattr(self, field)
+            if not isinstance(x, Remote):
+                return x
+            share = rank_share(len(x), rank, world_size)
+            return RankRows(read(field, share), share, len(x))
+
+        return replace(self, x_p=local("x_p"), x_u=None if self.x_u is None else local("x_u"))
+
+
+class RankRows:
+    """A rank's share of ``n`` rows ``(n, ...)``, indexed by their positions among all ``n``
+    (what the loop's row streams draw, :func:`raysl.objectives.rank_rows`): ``rows[i]`` is the
+    row at position ``share[i]``. Indexing a position outside the share is an error."""
+
+    def __init__(self, rows: np.ndarray, share: np.ndarray, n: int) -> None:
+        if len(rows) != len(share):
+            raise ValueError(f"{len(rows)} rows for a share of {len(share)} positions")
+        self.rows, self.share, self.n = rows, share, n
+        self.shape = (n, *rows.shape[1:])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        at = np.minimum(np.searchsorted(self.share, idx), max(len(self.share) - 1, 0))
+        if len(self.share) == 0 or not np.array_equal(self.share[at], idx):
+            raise IndexError("positions outside this rank's share")
+        return self.rows[at]
 
 
 def steps_per_epoch(n_u: int, cfg: TrainConfig, world_size: int) -> int:
@@ -165,6 +198,8 @@ class TrainOutcome:
     seconds: float = 0.0
     resumed_from_epoch: int = -1  # -1 when the run started fresh
     nodes: list[str] = field(default_factory=list)  # the Ray node of each rank (Ray Train)
+    # per rank, the rows it read through Ray Data, by field ({} when it was handed arrays)
+    rank_rows: list[dict[str, int]] = field(default_factory=list)
 
 
 Snapshot = Callable[[], dict[str, Any]]

@@ -308,4 +308,9 @@ def test_two_nodes_share_actors_and_train_workers(tmp_path: Path) -> None:
     assert m["data"]["pool"] == "object store"  # Parquet files: the driver fetched no row
     assert m["pseudo_labels"]["nodes"] == 2  # one shard actor on each node
     assert m["baseline"]["nodes"] == m["joint"]["nodes"] == 2  # one DDP rank on each node
+    # each rank read its own share of the kept rows and of the pool through Ray Data
+    kept, pool = m["pseudo_labels"]["n_selected"], m["data"]["n_unlabeled"]
+    shares = m["joint"]["rank_rows"]
+    assert [s["x_p"] for s in shares] == [(kept + 1) // 2, kept // 2], (shares, kept)
+    assert [s["x_u"] for s in shares] == [(pool + 1) // 2, pool // 2], (shares, pool)
     assert (tmp_path / "out" / "metrics.json").is_file()

@@ -394,6 +394,42 @@ def test_ranks_draw_disjoint_unlabeled_rows() -> None:
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(40))
 
 
+@pytest.mark.parametrize("offline", ["targets", "prior"])
+def test_a_rank_holding_only_its_share_of_the_pool_trains_as_with_all_rows(offline: str
+                                                                          ) -> None:
+    """What a Ray Train rank does with a pool left in the object store: it reads its share of
+    ``x_u`` and ``x_p`` (``TrainData.for_rank``) and must train exactly as with every row,
+    online labels, FlexMatch's per-row state and the backend's prior included."""
+    base = _data(n_u=37, n_p=11)
+    rng = np.random.default_rng(3)
+    data = dataclasses.replace(base, prior_label=rng.integers(0, C, 37),
+                               prior_conf=rng.uniform(0.3, 1, 37).astype(np.float32))
+    cfg = _cfg(offline=offline, threshold_mode="flexmatch")
+
+    class Held:  # the Remote protocol: rows held elsewhere
+        def __init__(self, x: np.ndarray) -> None:
+            self.x = x
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def fetch(self) -> np.ndarray:
+            raise AssertionError("a rank fetched all the rows")
+
+    held = dataclasses.replace(data, x_u=Held(data.x_u), x_p=Held(data.x_p))
+    for rank in (0, 1):
+        runs = []
+        for d in (data, held.for_rank(rank, 2, lambda f, share: getattr(data, f)[share])):
+            model, state = _model(), {}
+            opt = make_optimizer(model, cfg)
+            logs = [run_epoch(model, opt, d, cfg, e, rank, 2, ssl_state=state)
+                    for e in range(cfg.epochs)]
+            runs.append((_params(model), logs, state))
+        assert _same(runs[0][0], runs[1][0])
+        assert json.dumps(runs[0][1]) == json.dumps(runs[1][1])
+        assert torch.equal(runs[0][2]["label_hist"], runs[1][2]["label_hist"])
+
+
 # -- the Ray Train worker loop -------------------------------------------------------------
 
 

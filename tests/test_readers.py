@@ -228,6 +228,18 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
         np.testing.assert_array_equal(materialize(a), b)
     keep = np.arange(len(mem.x_u)) % 3 != 1  # a selection's mask
     np.testing.assert_array_equal(materialize(remote.x_u[keep]), mem.x_u[keep])
+    # what a Ray Train rank reads of them: its share, through a Ray Dataset
+    from raysl.distributed.pool import rows_from_batches
+    from raysl.objectives import rank_share
+
+    for rows, want in ((remote.x_u, mem.x_u), (remote.x_u[keep], mem.x_u[keep])):
+        for r in range(2):
+            share = rank_share(len(want), r, 2)
+            got = rows_from_batches(rows.dataset(share).iter_batches(batch_size=None),
+                                    len(share), rows.row_shape)
+            np.testing.assert_array_equal(got, want[share])
+    with pytest.raises(RuntimeError, match="read 0 of 3 rows"):  # a short read is an error
+        rows_from_batches(iter([]), 3, remote.x_u.row_shape)
 
 
 @needs_ray

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from torch import Tensor, nn
 from raysl.config import TrainConfig
 from raysl.losses import joint_loss
 from raysl.models import MLP, SmallCNN, build_model
+from raysl.objectives import rank_rows, rank_share
 from raysl.train import (
+    RankRows,
     TrainData,
     accuracy,
     learning_rate,
@@ -302,9 +305,62 @@ def test_ranks_get_different_labeled_rows_and_disjoint_pseudo_rows() -> None:
         ids[rank] = (batches, pseudo)
     assert not torch.equal(ids[0][0], ids[1][0])
     p0, p1 = (set(ids[r][1].tolist()) for r in (0, 1))
-    assert p0.isdisjoint(p1)  # a DistributedSampler-like split of the pseudo-labeled rows
+    assert p0.isdisjoint(p1)  # each rank its own share of the pseudo-labeled rows
     assert p0 | p1 == set(range(1000, 1041))
     assert abs(len(p0) - len(p1)) <= 1
+
+
+class _Held:
+    """Rows held elsewhere (the :class:`raysl.data.Remote` protocol), as a split read with Ray
+    leaves the pool: ``TrainData.for_rank`` must read only the rank's share of them."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.reads: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def fetch(self) -> np.ndarray:
+        raise AssertionError("a rank fetched all the rows")
+
+    def read(self, field: str, share: np.ndarray) -> np.ndarray:
+        self.reads.append(share)
+        return self.x[share]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 41])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_shares_split_the_rows(n: int, world: int) -> None:
+    shares = [rank_share(n, r, world) for r in range(world)]
+    if n < world:  # too few to split: every rank trains on all of them
+        assert all(np.array_equal(s, np.arange(n)) for s in shares)
+        return
+    both = np.concatenate(shares)
+    assert np.array_equal(np.sort(both), np.arange(n))  # disjoint and complete
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    for r, s in enumerate(shares):  # and every epoch's draws stay in the share
+        drawn = rank_rows(n, 7, CFG, epoch=3, rank=r, world_size=world, keys=(1, 2))
+        assert set(drawn.ravel().tolist()) <= set(s.tolist())
+        if 0 < len(s) <= drawn.size:
+            assert set(drawn.ravel().tolist()) == set(s.tolist())
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_rank_holding_only_its_share_trains_as_with_all_rows(world: int) -> None:
+    data = _data((16,), n_p=41)
+    held = _Held(data.x_p)
+    for rank in range(world):
+        full, local = _model((16,)), _model((16,))
+        _train(full, data, CFG, rank=rank, world_size=world)
+        mine = replace(data, x_p=held).for_rank(rank, world, held.read)
+        assert isinstance(mine.x_p, RankRows) and len(mine.x_p) == 41
+        _train(local, mine, CFG, rank=rank, world_size=world)
+        assert _identical(_params(full), _params(local))
+        assert np.array_equal(held.reads[-1], rank_share(41, rank, world))
+        if world > 1:
+            with pytest.raises(IndexError, match="share"):  # another rank's row is not here
+                mine.x_p[np.array([1 - rank])]
 
 
 # -- models and prediction -----------------------------------------------------------------

@@ -6,8 +6,9 @@ Both sides run :func:`raysl.train.train_loop` (epochs and the validation pass); 
 OpenMP threads), which also calls ``ray.train.report`` every epoch and attaches a checkpoint
 every ``train.checkpoint_every`` epochs (one Ray run per value of ``--checkpoint-every``). The
 loop also runs as a plain Ray task: what Ray core costs without Ray Train's runtime; and once
-more through Ray Train with the unlabeled rows read from the object store as a split of a
-user's files gives them (``StoredRows``, issue 13's third target). The ratio
+more through Ray Train with the unlabeled rows left in the object store as a split of a
+user's files leaves them, each rank reading its share through Ray Data
+(``TorchTrainer(datasets=...)``, ``get_dataset_shard``: issue 13's third target). The ratio
 compares median epoch times after the first epoch (start-up is reported separately):
 ``plain seconds / Ray seconds``, 1.0 = no overhead. The plain loop runs before and after the
 Ray runs, so load from other processes on a shared machine affects both sides alike.
@@ -102,13 +103,12 @@ def main(argv: list[str]) -> int:
             runs[n] = ep, o.seconds - sum(map(sum, ep))
             print(f"Ray run, checkpoint every {n}: epochs "
                   + " ".join(f"{sum(r):.2f}" for r in ep), flush=True)
-        # the unlabeled rows as a split of a user's files gives them to the joint job: one
-        # array in the object store (raysl.distributed.pool.StoredRows) each rank reads
-        from raysl.distributed.pool import StoredRows
+        # the unlabeled rows as a split of a user's files gives them to the joint job: left in
+        # the object store, each rank reads its share through Ray Data (its dataset shard)
+        from raysl.distributed.pool import RemoteRows
 
         assert data.x_u is not None
-        stored = replace(data, x_u=StoredRows(ray.put(data.x_u), len(data.x_u),
-                                              tuple(data.x_u.shape[1:])))
+        stored = replace(data, x_u=RemoteRows.put(data.x_u))
         n = max(every)
         with tempfile.TemporaryDirectory() as tmp:
             o = train_classifier(stored, replace(t, checkpoint_every=n), split.input_shape,
@@ -135,8 +135,9 @@ def main(argv: list[str]) -> int:
               f"| {_median(ep, 1):.2f} | {statistics.mean(r[2] for r in ep[1:-1] or ep):.2f} "
               f"| {r_epoch:.2f} | {p_epoch / r_epoch:.3f} |")
     r_epoch = _median(from_store)
-    print(f"| Ray Train, 1 worker, checkpoint every {max(every)}, unlabeled rows read from the "
-          f"object store | {_median(from_store, 0):.2f} | {_median(from_store, 1):.2f} "
+    print(f"| Ray Train, 1 worker, checkpoint every {max(every)}, unlabeled rows read through "
+          f"Ray Data (get_dataset_shard) | {_median(from_store, 0):.2f} "
+          f"| {_median(from_store, 1):.2f} "
           f"| {statistics.mean(r[2] for r in from_store[1:-1] or from_store):.2f} "
           f"| {r_epoch:.2f} | {p_epoch / r_epoch:.3f} |")
     print(f"\nray.init {init_s:.1f} s; Ray Train start-up + teardown "

@@ -15,16 +15,18 @@ calling :func:`raysl.data.make_split` would, except that ``x_u`` and ``x_test`` 
    the test rows and each unlabeled shard's rows stay in the store as parts ``{"key", "x"}``.
 
 A :class:`RemoteRows` is fetched (:meth:`RemoteRows.fetch`) where it is used: by a shard
-actor (its own shard), a Ray Train worker (the pseudo-labeled rows), an evaluation task (a part
-of the test set); never by the driver. The driver keeps O(n) labels, ids and, later, the
-backend's probabilities: 16 bytes + 4 per class a row (float32), against 3,136 for a 28x28 image.
+actor (its own shard) or an evaluation task (a part of the test set); a Ray Train rank reads
+its share of the kept and unlabeled rows as a Ray Dataset (:meth:`RemoteRows.dataset`, through
+``TorchTrainer(datasets=...)`` and ``get_dataset_shard``); never by the driver. The driver
+keeps O(n) labels, ids and, later, the backend's probabilities: 16 bytes + 4 per class a row
+(float32), against 3,136 for a 28x28 image.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -105,13 +107,39 @@ class RemoteRows:
             return len(self.keep)
         return sum(b - a for a, b in self.bounds)
 
+    @classmethod
+    def put(cls, x: np.ndarray) -> RemoteRows:
+        """Rows ``x`` (n, ...) put in the object store as one part (benchmarks, tests)."""
+        n = len(x)
+        part = ray.put({"key": np.arange(n), "x": np.ascontiguousarray(x, np.float32)})
+        return cls(((part,),), ((0, n),), tuple(x.shape[1:]))
+
+    def keys(self) -> np.ndarray:
+        """The keys of these rows, in order (n,)."""
+        if self.keep is not None:
+            return self.keep
+        return np.concatenate([np.arange(a, b) for a, b in self.bounds] or [np.zeros(0, int)])
+
     def __getitem__(self, mask: np.ndarray) -> RemoteRows:
         mask = np.asarray(mask)
         if mask.dtype != bool or mask.shape != (len(self),):
             raise TypeError(f"RemoteRows takes a boolean mask of shape ({len(self)},)")
-        keys = self.keep if self.keep is not None else np.concatenate(
-            [np.arange(a, b) for a, b in self.bounds])
-        return replace(self, keep=keys[mask])
+        return replace(self, keep=self.keys()[mask])
+
+    def dataset(self, positions: np.ndarray) -> ray.data.Dataset:
+        """The rows at ``positions`` (sorted, into these rows' order) as a Ray Dataset with
+        columns ``i`` (the index into ``positions``) and ``x`` (float32 rows, transformed):
+        one task per stored part, which reads it where it lives and keeps the wanted rows.
+        Lazy: nothing is read until the dataset is iterated (a Ray Train rank's shard)."""
+        import ray.data
+
+        want = self.keys()[positions]
+        parts = [r for group in self.parts for r in group]
+        ds = ray.data.from_items([{"part": i} for i in range(len(parts))],
+                                 override_num_blocks=max(len(parts), 1))
+        return ds.map_batches(_part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
+                              fn_kwargs={"parts": parts, "want": want,
+                                         "transform": self.transform})
 
     def shards(self, n: int) -> list[RemoteRows]:
         """The ``n`` shards the rows were routed to (``n`` must be that number)."""
@@ -127,12 +155,6 @@ class RemoteRows:
         """The rows as one array ``(n, *row_shape)``, read from the store (where it runs)."""
         parts = ray.get([r for group in self.parts for r in group])
         return assemble(parts, self.row_shape, self.keep, self.transform)
-
-    def stored(self) -> StoredRows:
-        """The rows assembled by a task into one array in the object store, for readers that
-        need them all (the Ray Train ranks): each then reads it zero-copy."""
-        ref = _assemble.options(num_cpus=TASK_CPUS).remote(self)
-        return StoredRows(ref, len(self), self.row_shape)
 
     def moments(self) -> list[Moments]:
         """Each shard's :class:`~raysl.preprocess.Moments`, computed by a task per shard: what
@@ -150,26 +172,32 @@ class RemoteRows:
         return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
 
-@dataclass(frozen=True, eq=False)
-class StoredRows:
-    """Rows ``(n, *row_shape)`` as one array in the object store (:meth:`RemoteRows.stored`):
-    :meth:`fetch` is a zero-copy read of shared memory, so every Ray Train rank on a node
-    shares one copy, as they shared the arrays the driver used to put."""
-
-    ref: ray.ObjectRef
-    n: int
-    row_shape: tuple[int, ...]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def fetch(self) -> np.ndarray:
-        return ray.get(self.ref)
+def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef], want: np.ndarray,
+               transform: Standardizer | None) -> dict[str, np.ndarray]:
+    """:meth:`RemoteRows.dataset`'s read: the rows of part ``batch["part"][0]`` whose key is in
+    ``want`` (sorted keys), as ``{"i": their indices into want, "x": the rows}``."""
+    part = ray.get(parts[int(batch["part"][0])])
+    at = np.minimum(np.searchsorted(want, part["key"]), max(len(want) - 1, 0))
+    hit = (want[at] == part["key"]) if len(want) else np.zeros(len(part["key"]), bool)
+    x = np.asarray(part["x"][hit], np.float32)
+    if transform is not None:
+        x = np.asarray(transform(x), np.float32)
+    return {"i": at[hit], "x": x}
 
 
-@ray.remote
-def _assemble(rows: RemoteRows) -> np.ndarray:
-    return rows.fetch()
+def rows_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
+                      row_shape: tuple[int, ...]) -> np.ndarray:
+    """The ``n`` rows ``(n, *row_shape)`` float32 of a :meth:`RemoteRows.dataset`'s batches,
+    each put at its index; an error when any row is missing (a short read)."""
+    out = np.empty((n, *row_shape), np.float32)
+    seen = np.zeros(n, bool)
+    for b in batches:
+        i = np.asarray(b["i"], np.int64)
+        out[i] = b["x"]
+        seen[i] = True
+    if not seen.all():
+        raise RuntimeError(f"read {int(seen.sum())} of {n} rows from the dataset shard")
+    return out
 
 
 @ray.remote
@@ -338,4 +366,4 @@ def _check_rows(name: str, ids_sorted: np.ndarray, row_shape: tuple[int, ...], d
                         f"(first: {rows[:5].tolist()}); features must be finite")
 
 
-__all__ = ["RemoteRows", "StoredRows", "assemble", "distribute"]
+__all__ = ["RemoteRows", "assemble", "distribute", "rows_from_batches"]

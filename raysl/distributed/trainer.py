@@ -9,25 +9,31 @@ path and name resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
+import ray.data
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
+from raysl.distributed.pool import RemoteRows, rows_from_batches
+from raysl.objectives import rank_share
 from raysl.train import (
+    RankRows,
     Snapshot,
     TrainData,
     TrainOutcome,
@@ -53,6 +59,8 @@ def _quiet_report_logs() -> None:
     goes through the "raysl" logger, which has its level and handler (:func:`_worker_logging`).
     """
     logging.getLogger().setLevel(logging.WARNING)
+    # Ray Data logs each dataset execution (a rank's share of the rows) at INFO
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _worker_logging(verbose: bool) -> None:
@@ -77,9 +85,18 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     if cfg.num_workers > 0:  # a Ray Train worker process of its own
         _quiet_report_logs()
         _worker_logging(config["verbose"])
-    data: TrainData = ray.get(config["data"]).fetched()  # rows in the object store: here
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    data: TrainData = ray.get(config["data"])
+
+    def read(field: str, share: np.ndarray) -> np.ndarray:
+        # this rank's rows of a field left in the object store: its own dataset (see
+        # _rank_datasets), read here through Ray Train; the other ranks' rows never come here
+        shard = ray.train.get_dataset_shard(f"{field}-{rank}")
+        return rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
+                                 len(share), getattr(data, field).row_shape)
+
+    data = data.for_rank(rank, world, read)
     device = ray.train.torch.get_device()
     # the same initial weights on every rank (DDP broadcasts anyway)
     model = init_model(cfg, tuple(config["input_shape"]), config["n_classes"])
@@ -102,14 +119,17 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     kept, history, _ = train_loop(model, data, cfg, rank=rank, world_size=world, device=device,
                                   resume=resume, on_epoch=report, name=config["name"],
                                   verbose=config["verbose"])
-    nodes = [ray.get_runtime_context().get_node_id()]
-    if world > 1:  # where every rank ran, for the record (and the multi-node test)
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, nodes[0])
-        nodes = gathered
+    # where every rank ran and what it read, for the record (and the multi-node test)
+    mine = (ray.get_runtime_context().get_node_id(),
+            {f: len(x.rows) for f in ("x_p", "x_u") if isinstance(x := getattr(data, f), RankRows)})
+    ranks = [mine]
+    if world > 1:
+        ranks = [None] * world
+        torch.distributed.all_gather_object(ranks, mine)
     if rank != 0:
         return None
-    return {"model": state_to_numpy(kept.state_dict()), "history": history, "nodes": nodes}
+    return {"model": state_to_numpy(kept.state_dict()), "history": history,
+            "nodes": [n for n, _ in ranks], "rank_rows": [r for _, r in ranks]}
 
 
 def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...],
@@ -124,6 +144,7 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
     (pyarrow filesystems). ``loop`` is the per-worker function Ray Train runs with the config
     dict (default :func:`_worker_loop`; a wrapper around it must return what it returns)."""
     t0 = time.perf_counter()
+    datasets = _rank_datasets(data, max(cfg.num_workers, 1))
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
@@ -134,6 +155,9 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
                            "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
+        # one dataset per rank, passed whole (not split again): rank r reads "<field>-r"
+        datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=name, storage_path=_storage(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -144,10 +168,39 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
     )
     # Local mode keeps no checkpoint on disk, so the final weights come back as rank 0's
     # return value; the per-epoch checkpoints are there for resuming.
-    out = _fit_interruptibly(trainer).return_value
+    with _no_data_progress_bars():
+        out = _fit_interruptibly(trainer).return_value
     history = out["history"]
     resumed = max((int(h["resumed_from_epoch"]) for h in history), default=-1)
-    return TrainOutcome(out["model"], history, time.perf_counter() - t0, resumed, out["nodes"])
+    return TrainOutcome(out["model"], history, time.perf_counter() - t0, resumed, out["nodes"],
+                        out["rank_rows"])
+
+
+def _rank_datasets(data: TrainData, world: int) -> dict[str, ray.data.Dataset]:
+    """For each row field of ``data`` left in the object store (``x_p``, ``x_u``:
+    :class:`~raysl.distributed.pool.RemoteRows`), one Ray Dataset per rank of ``world`` named
+    ``"<field>-<rank>"``: the rows of that rank's share (:func:`raysl.objectives.rank_share`),
+    read from the parts where they live by Ray Data tasks. The driver never holds them, and
+    no rank holds another rank's rows."""
+    out: dict[str, ray.data.Dataset] = {}
+    for field in ("x_p", "x_u"):
+        x = getattr(data, field)
+        if isinstance(x, RemoteRows):
+            for r in range(world):
+                out[f"{field}-{r}"] = x.dataset(rank_share(len(x), r, world))
+    return out
+
+
+@contextlib.contextmanager
+def _no_data_progress_bars() -> Iterator[None]:
+    """Ray Data's progress bars off for the ranks' reads (Train hands the workers a copy of
+    this process's DataContext): raysl reports the training's own progress. Restored after."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
 
 
 def _fit_interruptibly(trainer: TorchTrainer) -> Any:
