@@ -87,6 +87,9 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
 
 
 _CHUNK = 65536  # rows transformed at a time
+# concurrent read tasks of a rank's dataset (RemoteRows.dataset): they hold no CPU, so this
+# bounds them instead (without it, Ray started tens of idle worker processes)
+_READ_TASKS = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +141,7 @@ class RemoteRows:
         ds = ray.data.from_items([{"part": i} for i in range(len(parts))],
                                  override_num_blocks=max(len(parts), 1))
         return ds.map_batches(_part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
+                              compute=ray.data.TaskPoolStrategy(size=_READ_TASKS),
                               fn_kwargs={"parts": parts, "want": want,
                                          "transform": self.transform})
 

@@ -144,11 +144,26 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
     (pyarrow filesystems). ``loop`` is the per-worker function Ray Train runs with the config
     dict (default :func:`_worker_loop`; a wrapper around it must return what it returns)."""
     t0 = time.perf_counter()
+    with _no_data_progress_bars():
+        out = _fit_interruptibly(_trainer(data, cfg, input_shape, n_classes, storage_path, name,
+                                          verbose, max_failures, callbacks, loop)).return_value
+    history = out["history"]
+    resumed = max((int(h["resumed_from_epoch"]) for h in history), default=-1)
+    return TrainOutcome(out["model"], history, time.perf_counter() - t0, resumed, out["nodes"],
+                        out["rank_rows"])
+
+
+def _trainer(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...], n_classes: int,
+             storage_path: str | Path, name: str, verbose: bool, max_failures: int,
+             callbacks: list[Any] | None, loop: Callable[[dict[str, Any]], Any]
+             ) -> TorchTrainer:
     datasets = _rank_datasets(data, max(cfg.num_workers, 1))
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    # Local mode keeps no checkpoint on disk, so the final weights come back as rank 0's
+    # return value; the per-epoch checkpoints are there for resuming.
+    return TorchTrainer(
         loop,
         train_loop_config={"train": asdict(cfg), "data": ray.put(data), "name": name,
                            "input_shape": list(input_shape), "n_classes": n_classes,
@@ -166,14 +181,6 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
             callbacks=callbacks,  # e.g. Tune's TuneReportCallback inside a Tune trial
         ),
     )
-    # Local mode keeps no checkpoint on disk, so the final weights come back as rank 0's
-    # return value; the per-epoch checkpoints are there for resuming.
-    with _no_data_progress_bars():
-        out = _fit_interruptibly(trainer).return_value
-    history = out["history"]
-    resumed = max((int(h["resumed_from_epoch"]) for h in history), default=-1)
-    return TrainOutcome(out["model"], history, time.perf_counter() - t0, resumed, out["nodes"],
-                        out["rank_rows"])
 
 
 def _rank_datasets(data: TrainData, world: int) -> dict[str, ray.data.Dataset]:
@@ -193,8 +200,9 @@ def _rank_datasets(data: TrainData, world: int) -> dict[str, ray.data.Dataset]:
 
 @contextlib.contextmanager
 def _no_data_progress_bars() -> Iterator[None]:
-    """Ray Data's progress bars off for the ranks' reads (Train hands the workers a copy of
-    this process's DataContext): raysl reports the training's own progress. Restored after."""
+    """Ray Data's progress bars off for the ranks' reads (the trainer hands its workers a copy
+    of this process's DataContext, taken when it is built or fitted): raysl reports the
+    training's own progress. Restored after."""
     ctx = ray.data.DataContext.get_current()
     before, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     try:
