@@ -129,21 +129,27 @@ class RemoteRows:
             raise TypeError(f"RemoteRows takes a boolean mask of shape ({len(self)},)")
         return replace(self, keep=self.keys()[mask])
 
-    def dataset(self, positions: np.ndarray) -> ray.data.Dataset:
-        """The rows at ``positions`` (sorted, into these rows' order) as a Ray Dataset with
-        columns ``i`` (the index into ``positions``) and ``x`` (float32 rows, transformed):
-        one task per stored part, which reads it where it lives and keeps the wanted rows.
-        Lazy: nothing is read until the dataset is iterated (a Ray Train rank's shard)."""
+    def rank_datasets(self, world: int) -> list[ray.data.Dataset]:
+        """For each rank of ``world``, its share of these rows
+        (:func:`raysl.objectives.rank_share`) as a Ray Dataset with columns ``i`` (the row's
+        index in the share) and ``x`` (float32 rows, transformed): one task per stored part,
+        which reads the part where it lives and keeps the rank's rows. Lazy: nothing is read
+        until a rank iterates its dataset. The driver adds no per-row array to them: the
+        tasks work the shares out from the bounds, or from the kept keys put once."""
         import ray.data
 
-        want = self.keys()[positions]
+        keep = None if self.keep is None else ray.put(self.keep)
         parts = [r for group in self.parts for r in group]
-        ds = ray.data.from_items([{"part": i} for i in range(len(parts))],
-                                 override_num_blocks=max(len(parts), 1))
-        return ds.map_batches(_part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
-                              compute=ray.data.TaskPoolStrategy(size=_READ_TASKS),
-                              fn_kwargs={"parts": parts, "want": want,
-                                         "transform": self.transform})
+        out = []
+        for rank in range(world):
+            ds = ray.data.from_items([{"part": i} for i in range(len(parts))],
+                                     override_num_blocks=max(len(parts), 1))
+            out.append(ds.map_batches(
+                _part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
+                compute=ray.data.TaskPoolStrategy(size=_READ_TASKS),
+                fn_kwargs={"parts": parts, "bounds": self.bounds, "keep": keep, "rank": rank,
+                           "world": world, "transform": self.transform}))
+        return out
 
     def shards(self, n: int) -> list[RemoteRows]:
         """The ``n`` shards the rows were routed to (``n`` must be that number)."""
@@ -176,10 +182,16 @@ class RemoteRows:
         return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
 
-def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef], want: np.ndarray,
-               transform: Standardizer | None) -> dict[str, np.ndarray]:
-    """:meth:`RemoteRows.dataset`'s read: the rows of part ``batch["part"][0]`` whose key is in
-    ``want`` (sorted keys), as ``{"i": their indices into want, "x": the rows}``."""
+def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
+               bounds: tuple[tuple[int, int], ...], keep: ray.ObjectRef | None, rank: int,
+               world: int, transform: Standardizer | None) -> dict[str, np.ndarray]:
+    """:meth:`RemoteRows.rank_datasets`' read: the rows of part ``batch["part"][0]`` in rank
+    ``rank``'s share, as ``{"i": their indices in the share, "x": the rows}``."""
+    from raysl.objectives import rank_share
+
+    keys = (np.asarray(ray.get(keep)) if keep is not None else
+            np.concatenate([np.arange(a, b) for a, b in bounds] or [np.zeros(0, np.int64)]))
+    want = keys[rank_share(len(keys), rank, world)]
     part = ray.get(parts[int(batch["part"][0])])
     at = np.minimum(np.searchsorted(want, part["key"]), max(len(want) - 1, 0))
     hit = (want[at] == part["key"]) if len(want) else np.zeros(len(part["key"]), bool)

@@ -31,7 +31,6 @@ from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
 from raysl.distributed.pool import RemoteRows, rows_from_batches
-from raysl.objectives import rank_share
 from raysl.train import (
     RankRows,
     Snapshot,
@@ -193,8 +192,8 @@ def _rank_datasets(data: TrainData, world: int) -> dict[str, ray.data.Dataset]:
     for field in ("x_p", "x_u"):
         x = getattr(data, field)
         if isinstance(x, RemoteRows):
-            for r in range(world):
-                out[f"{field}-{r}"] = x.dataset(rank_share(len(x), r, world))
+            for r, ds in enumerate(x.rank_datasets(world)):
+                out[f"{field}-{r}"] = ds
     return out
 
 
