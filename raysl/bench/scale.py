@@ -19,7 +19,7 @@ object store each) and runs the pipeline's stages as ``raysl run`` does, timed o
 - ``pseudo-label (gmm) + selection``: :func:`raysl.pipeline.pseudo_label` with the GMM backend
   on Ray actors (``--gmm-rounds`` EM rounds, tolerance 0: the same work per row at every N),
   then :func:`raysl.pipeline.selection` at ``select.threshold=0.5``, so that most of the pool
-  is kept and the joint stage's workers fetch it;
+  is kept and the joint stage's ranks read it (each its share, through Ray Data);
 - ``joint training``: :func:`raysl.pipeline.joint` on Ray Train, one epoch (one pass over the
   unlabeled pool; ``train.min_steps=0``), so rows/s is pool rows per second; ``training loop``
   is the same epoch without Ray Train's start-up (the workers' own clock).

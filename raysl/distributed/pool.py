@@ -146,7 +146,7 @@ class RemoteRows:
                                      override_num_blocks=max(len(parts), 1))
             out.append(ds.map_batches(
                 _part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
-                compute=ray.data.TaskPoolStrategy(size=_READ_TASKS),
+                compute=ray.data.TaskPoolStrategy(size=max(1, min(_READ_TASKS, len(parts)))),
                 fn_kwargs={"parts": parts, "bounds": self.bounds, "keep": keep, "rank": rank,
                            "world": world, "transform": self.transform}))
         return out
