@@ -58,8 +58,11 @@ def _quiet_report_logs() -> None:
     goes through the "raysl" logger, which has its level and handler (:func:`_worker_logging`).
     """
     logging.getLogger().setLevel(logging.WARNING)
-    # Ray Data logs each dataset execution (a rank's share of the rows) at INFO
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data logs each dataset execution (a rank's share of the rows) at INFO, and warns
+    # once that its progress bars are off (raysl turns them off: _no_data_progress_bars); a
+    # failed read still raises in the rank. ray.data is imported (this module imports it), so
+    # its logging config, applied on import, does not reset this level.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def _worker_logging(verbose: bool) -> None:
