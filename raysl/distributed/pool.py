@@ -16,8 +16,9 @@ calling :func:`raysl.data.make_split` would, except that ``x_u`` and ``x_test`` 
 
 A :class:`RemoteRows` is fetched (:meth:`RemoteRows.fetch`) where it is used: by a shard
 actor (its own shard) or an evaluation task (a part of the test set); a Ray Train rank reads
-its share of the kept and unlabeled rows as a Ray Dataset (:meth:`RemoteRows.dataset`, through
-``TorchTrainer(datasets=...)`` and ``get_dataset_shard``); never by the driver. The driver
+its share of the kept and unlabeled rows as a Ray Dataset
+(:meth:`RemoteRows.rank_datasets`, through ``TorchTrainer(datasets=...)`` and
+``get_dataset_shard``); never by the driver. The driver
 keeps O(n) labels, ids and, later, the backend's probabilities: 16 bytes + 4 per class a row
 (float32), against 3,136 for a 28x28 image.
 """
@@ -87,8 +88,8 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
 
 
 _CHUNK = 65536  # rows transformed at a time
-# concurrent read tasks of a rank's dataset (RemoteRows.dataset): they hold no CPU, so this
-# bounds them instead (without it, Ray started tens of idle worker processes)
+# concurrent read tasks of a rank's dataset (RemoteRows.rank_datasets): they hold no CPU, so
+# this bounds them instead (without it, Ray started tens of idle worker processes)
 _READ_TASKS = 2
 
 
@@ -203,8 +204,9 @@ def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
 
 def rows_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
                       row_shape: tuple[int, ...]) -> np.ndarray:
-    """The ``n`` rows ``(n, *row_shape)`` float32 of a :meth:`RemoteRows.dataset`'s batches,
-    each put at its index; an error when any row is missing (a short read)."""
+    """The ``n`` rows ``(n, *row_shape)`` float32 of the batches of a dataset of
+    :meth:`RemoteRows.rank_datasets`, each put at its index; an error when any row is missing
+    (a short read)."""
     out = np.empty((n, *row_shape), np.float32)
     seen = np.zeros(n, bool)
     for b in batches:

@@ -146,6 +146,8 @@ def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, 
     (pyarrow filesystems). ``loop`` is the per-worker function Ray Train runs with the config
     dict (default :func:`_worker_loop`; a wrapper around it must return what it returns)."""
     t0 = time.perf_counter()
+    # Local mode keeps no checkpoint on disk, so the final weights come back as rank 0's
+    # return value; the per-epoch checkpoints are there for resuming.
     with _no_data_progress_bars():
         out = _fit_interruptibly(_trainer(data, cfg, input_shape, n_classes, storage_path, name,
                                           verbose, max_failures, callbacks, loop)).return_value
@@ -163,8 +165,6 @@ def _trainer(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...], n_
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    # Local mode keeps no checkpoint on disk, so the final weights come back as rank 0's
-    # return value; the per-epoch checkpoints are there for resuming.
     return TorchTrainer(
         loop,
         train_loop_config={"train": asdict(cfg), "data": ray.put(data), "name": name,
