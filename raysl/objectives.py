@@ -78,7 +78,7 @@ def rank_rows(n: int, steps: int, cfg: TrainConfig, epoch: int, rank: int, world
         share = rank_share(n, rank, world_size)
         perm = share[rng(cfg.seed, epoch, keys[0]).permutation(len(share))]
     else:
-        perm = rng(cfg.seed, epoch, rank, keys[1]).integers(0, n, 1) if n else np.zeros(0, int)
+        perm = rng(cfg.seed, epoch, rank, keys[1]).integers(0, n, 1)
     return np.resize(perm, steps * cfg.mu * cfg.batch_size).reshape(steps, -1)
 
 

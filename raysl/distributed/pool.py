@@ -120,9 +120,7 @@ class RemoteRows:
 
     def keys(self) -> np.ndarray:
         """The keys of these rows, in order (n,)."""
-        if self.keep is not None:
-            return self.keep
-        return np.concatenate([np.arange(a, b) for a, b in self.bounds] or [np.zeros(0, int)])
+        return self.keep if self.keep is not None else _bound_keys(self.bounds)
 
     def __getitem__(self, mask: np.ndarray) -> RemoteRows:
         mask = np.asarray(mask)
@@ -183,6 +181,11 @@ class RemoteRows:
         return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
 
+def _bound_keys(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The keys ``[a, b)`` of every shard's bounds, in order (n,)."""
+    return np.concatenate([np.arange(a, b) for a, b in bounds] or [np.zeros(0, np.int64)])
+
+
 def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
                bounds: tuple[tuple[int, int], ...], keep: ray.ObjectRef | None, rank: int,
                world: int, transform: Standardizer | None) -> dict[str, np.ndarray]:
@@ -190,8 +193,7 @@ def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
     ``rank``'s share, as ``{"i": their indices in the share, "x": the rows}``."""
     from raysl.objectives import rank_share
 
-    keys = (np.asarray(ray.get(keep)) if keep is not None else
-            np.concatenate([np.arange(a, b) for a, b in bounds] or [np.zeros(0, np.int64)]))
+    keys = np.asarray(ray.get(keep)) if keep is not None else _bound_keys(bounds)
     want = keys[rank_share(len(keys), rank, world)]
     part = ray.get(parts[int(batch["part"][0])])
     at = np.minimum(np.searchsorted(want, part["key"]), max(len(want) - 1, 0))
