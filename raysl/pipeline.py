@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysl.backends import AUTO_BACKENDS, BACKENDS, FitContext, needs_classifier
+from raysl.backends import (
+    AUTO_BACKENDS,
+    BACKENDS,
+    CALIBRATION_FLOOR,
+    FitContext,
+    needs_classifier,
+)
 from raysl.backends.base import FitResult, LocalExecutor, Shard, ShardWorker, fit
 from raysl.config import Config, TrainConfig, dump_yaml
 from raysl.data import Dataset, Remote, Split, load_dataset, make_split, shard
@@ -408,11 +414,12 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             # T = 1): the argmax labels don't change, the confidences do.
             from raysl.calibration import apply_temperature, calibrate
 
-            cal = calibrate(val_proba, split.y_val)
+            cal = calibrate(val_proba, split.y_val, floor=CALIBRATION_FLOOR[b.name])
             temperature = cal.temperature
             # in place: the pool's probabilities are the driver's largest per-row array
-            res_proba = apply_temperature(res_proba, temperature, out=res_proba)
-            val_proba = apply_temperature(val_proba, temperature)
+            res_proba = apply_temperature(res_proba, temperature, out=res_proba,
+                                          floor=cal.floor)
+            val_proba = apply_temperature(val_proba, temperature, floor=cal.floor)
             logger.info("[pseudo-label] %s: temperature scaling on %d validation rows: T=%.3g "
                         "(validation NLL %.3f, %.3f at T=1%s)", b.name, cal.n, temperature,
                         cal.nll, cal.nll_one, "" if cal.accepted else
@@ -585,7 +592,8 @@ def _calibration_metrics(split: Split, rec: dict[str, Any]) -> dict[str, float]:
     if math.isfinite(t) and t != 1.0:
         from raysl.calibration import ece_at_temperature
 
-        out["ece_uncalibrated"] = ece_at_temperature(rec["proba"], split.y_u, 1.0 / t)
+        out["ece_uncalibrated"] = ece_at_temperature(rec["proba"], split.y_u, 1.0 / t,
+                                                     CALIBRATION_FLOOR[rec["backend"]])
     return out
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from raysl.calibration import (
+    FLOOR,
+    SOFTMAX_FLOOR,
     T_MAX,
     T_MIN,
     apply_temperature,
@@ -143,3 +145,29 @@ def test_temperature_in_place_and_in_blocks_equals_the_plain_formula(
     y[::5] = -1  # unknown labels are left out of both
     assert ece_at_temperature(proba, y, 4.0) == pytest.approx(
         expected_calibration_error(copy, y), abs=tol)  # float32 means: float32 rounding
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_softmax_10x_too_confident_is_undone_only_under_the_softmax_floor(seed: int) -> None:
+    """Logit gaps of 30-60 nats (a softmax 10x too confident, stored as float32): the 1e-12
+    floor cuts them, and the scaled pool stays miscalibrated; the softmax floor (1e-30) keeps
+    them, and T undoes the sharpening (raysl.backends.CALIBRATION_FLOOR's reason)."""
+    proba, y = _model(50, sharpen=10.0, seed=seed)
+    pool, y_pool = _model(4000, sharpen=10.0, seed=seed + 10)
+    proba, pool = proba.astype(np.float32), pool.astype(np.float32)
+    after = {}
+    for floor in (FLOOR, SOFTMAX_FLOOR):
+        cal = calibrate(proba, y, floor=floor)
+        assert cal.floor == floor
+        scaled = apply_temperature(pool, cal.temperature, floor=floor)
+        after[floor] = (nll(scaled, y_pool, floor), expected_calibration_error(scaled, y_pool))
+    assert after[SOFTMAX_FLOOR][0] < after[FLOOR][0]
+    assert after[SOFTMAX_FLOOR][1] < after[FLOOR][1]
+
+
+def test_every_backend_has_a_calibration_floor() -> None:
+    from raysl.backends import BACKENDS, CALIBRATION_FLOOR
+
+    assert set(CALIBRATION_FLOOR) == set(BACKENDS)
+    assert CALIBRATION_FLOOR["gmm"] == FLOOR  # its log-density ratios reach -700
+    assert {CALIBRATION_FLOOR[n] for n in ("self", "vae", "gan")} == {SOFTMAX_FLOOR}

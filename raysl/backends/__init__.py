@@ -8,6 +8,7 @@ from raysl.backends.gan import make_gan
 from raysl.backends.gmm import GMMBackend
 from raysl.backends.self_training import SelfTrainingBackend
 from raysl.backends.vae import make_vae
+from raysl.calibration import FLOOR, SOFTMAX_FLOOR
 from raysl.config import BackendConfig
 
 
@@ -35,6 +36,17 @@ BACKENDS: dict[str, BackendFactory] = {
 }
 
 
+# The floor under log p when a backend's probabilities are temperature-scaled
+# (raysl.calibration): a network's softmax keeps its logit gaps down to 1e-30; the GMM's
+# log-density ratios are clipped at 1e-12.
+CALIBRATION_FLOOR: dict[str, float] = {
+    "gmm": FLOOR,
+    "self": SOFTMAX_FLOOR,
+    "vae": SOFTMAX_FLOOR,
+    "gan": SOFTMAX_FLOOR,
+}
+
+
 # backend.name=auto fits these (cheap: no neural network to train beyond the baseline) and
 # keeps the one with the best validation accuracy; ties go to the earlier name.
 AUTO_BACKENDS: tuple[str, ...] = ("self", "gmm")
@@ -53,5 +65,5 @@ def backend_section(cfg: BackendConfig) -> object:
     return getattr(cfg, cfg.name, None)
 
 
-__all__ = ["AUTO_BACKENDS", "BACKENDS", "Backend", "FitContext", "backend_section",
-           "needs_classifier"]
+__all__ = ["AUTO_BACKENDS", "BACKENDS", "CALIBRATION_FLOOR", "Backend", "FitContext",
+           "backend_section", "needs_classifier"]

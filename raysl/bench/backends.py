@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from raysl.calibration import apply_temperature, calibrate, fit_temperature
+from raysl.calibration import FLOOR, apply_temperature, calibrate, fit_temperature
 from raysl.config import Config, RayConfig, apply_overrides, parse_set
 from raysl.data import Split
 from raysl.metrics import expected_calibration_error, pseudo_label_metrics
@@ -117,13 +117,14 @@ def at_threshold(proba: np.ndarray, y: np.ndarray, t: float) -> tuple[float, flo
 
 
 def score(proba: np.ndarray, val_proba: np.ndarray, split: Split,
-          threshold: float) -> dict[str, Any]:
+          threshold: float, floor: float = FLOOR) -> dict[str, Any]:
     """Everything the tables show for one fit: ``proba`` (n_u, C) of the unlabeled rows and
-    ``val_proba`` (n_val, C) of the validation rows, both uncalibrated."""
+    ``val_proba`` (n_val, C) of the validation rows, both uncalibrated; ``floor``, the
+    backend's floor under log p for `calibrate` (``raysl.backends.CALIBRATION_FLOOR``)."""
     y = split.y_u
     old_t = fit_temperature(val_proba, split.y_val, *OLD_T_BOUNDS)
-    cal = calibrate(val_proba, split.y_val)
-    scaled = apply_temperature(proba, cal.temperature)
+    cal = calibrate(val_proba, split.y_val, floor=floor)
+    scaled = apply_temperature(proba, cal.temperature, floor=floor)
     cov, prec = at_threshold(scaled, y, threshold)
     return {
         "accuracy": float((proba.argmax(1) == y).mean()),
@@ -355,7 +356,7 @@ def main(argv: list[str]) -> int:
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     overrides.update(parse_set(args.set))
     base = apply_overrides(Config(), {**overrides, "ray.enabled": False})
-    from raysl.backends import BACKENDS
+    from raysl.backends import BACKENDS, CALIBRATION_FLOOR
 
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     unknown = [n for n in names if n not in BACKENDS]
@@ -452,7 +453,8 @@ def main(argv: list[str]) -> int:
                            "labels": len(split.y_l), "seed": seed, "method": label,
                            "overrides": ov_key, "seconds": secs, "baseline_seconds": base_secs,
                            "executor": "local" if args.local else "ray", **extra,
-                           **score(proba, val_proba, split, threshold)}
+                           **score(proba, val_proba, split, threshold,
+                                   CALIBRATION_FLOOR.get(name, FLOOR))}
                     done[(ds, args.labels_per_class, seed, label, ov_key)] = row
                     with rows_path.open("a") as f:
                         f.write(json.dumps(_json_safe(row)) + "\n")
