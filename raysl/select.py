@@ -28,17 +28,19 @@ def class_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
     return counts / counts.sum() if counts.sum() else np.full(n_classes, 1.0 / n_classes)
 
 
-def align_to_prior(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
+def align_to_prior(proba: np.ndarray, prior: np.ndarray,
+                   p_model: np.ndarray | None = None) -> np.ndarray:
     """Distribution alignment in one shot: :func:`raysl.losses.align_distribution` (the online
-    one FixMatch uses) with the backend's mean prediction as ``p_model`` and ``prior`` (C,) as
-    the target, on cached probabilities ``proba`` (n, C)."""
+    one FixMatch uses) with the backend's mean prediction as ``p_model`` (C,; default: the
+    mean of ``proba``, else the whole pool's when ``proba`` (n, C) is one shard of it) and
+    ``prior`` (C,) as the target. Returns (n, C) float64."""
     import torch
 
     from raysl.losses import align_distribution
 
     p = torch.from_numpy(np.asarray(proba, np.float64))
-    return align_distribution(p, p.mean(0), torch.from_numpy(np.asarray(prior, np.float64))
-                              ).numpy()
+    mean = p.mean(0) if p_model is None else torch.from_numpy(np.asarray(p_model, np.float64))
+    return align_distribution(p, mean, torch.from_numpy(np.asarray(prior, np.float64))).numpy()
 
 
 def per_class_k(prior: np.ndarray, n_u: int, share: float) -> np.ndarray:
@@ -56,7 +58,17 @@ def total_variation(p: np.ndarray, q: np.ndarray) -> float:
 def select(proba: np.ndarray, criterion: str = "threshold", threshold: float = 0.95,
            k_best: int = 100, prior: np.ndarray | None = None,
            share: float = 0.5) -> Selection:
-    """Pick pseudo-labels from class probabilities ``proba`` (n_u, C).
+    """Pick pseudo-labels from class probabilities ``proba`` (n_u, C): :func:`select_labels`
+    of their argmax labels and probabilities."""
+    return select_labels(proba.argmax(axis=1), proba.max(axis=1), proba.shape[1], criterion,
+                         threshold, k_best, prior, share)
+
+
+def select_labels(labels: np.ndarray, conf: np.ndarray, n_classes: int,
+                  criterion: str = "threshold", threshold: float = 0.95, k_best: int = 100,
+                  prior: np.ndarray | None = None, share: float = 0.5) -> Selection:
+    """Pick pseudo-labels from each row's argmax label ``labels`` (n_u,) and its probability
+    ``conf`` (n_u,), of ``n_classes`` classes (all that selection reads of the probabilities).
 
     ``threshold``: keep rows whose confidence exceeds ``threshold`` (strictly, as scikit-learn's
     SelfTrainingClassifier does, so 1.0 keeps nothing and 0.0 keeps everything).
@@ -67,15 +79,13 @@ def select(proba: np.ndarray, criterion: str = "threshold", threshold: float = 0
     rows' distribution; uniform if None) instead of the backend's biases; when a class has
     fewer rows than that, every class keeps the same smaller share of its quota.
     """
-    labels = proba.argmax(axis=1).astype(np.int64)
-    conf = proba.max(axis=1)
+    labels = np.asarray(labels).astype(np.int64, copy=False)
     mask = np.zeros(len(conf), bool)
     if criterion == "threshold":
         mask = conf > threshold
     elif criterion == "k_best":
         mask[np.argsort(-conf, kind="stable")[:k_best]] = True
     elif criterion == "per_class":
-        n_classes = proba.shape[1]
         prior = np.full(n_classes, 1.0 / n_classes) if prior is None else prior
         k = per_class_k(prior, len(conf), share)
         have = np.bincount(labels, minlength=n_classes)

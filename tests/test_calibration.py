@@ -118,7 +118,9 @@ def test_default_config_calibrates_and_reports_ece_before_and_after(tmp_path: Pa
     # a cache hit gives the same temperature and probabilities
     again = pipeline.pseudo_label(split, cfg, tmp_path, {})
     assert again["cached"] and again["temperature"] == t
-    np.testing.assert_array_equal(again["proba"], pl["proba"])
+    for k in ("labels", "conf", "labels_aligned", "conf_aligned"):
+        np.testing.assert_array_equal(again[k], pl[k])
+    assert again["ece_uncalibrated"] == pl["ece_uncalibrated"] == m["ece_uncalibrated"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -166,8 +168,9 @@ def test_a_softmax_10x_too_confident_is_undone_only_under_the_softmax_floor(seed
 
 
 def test_every_backend_has_a_calibration_floor() -> None:
-    from raysl.backends import BACKENDS, CALIBRATION_FLOOR
+    from raysl.backends import BACKENDS, CALIBRATION_FLOOR, calibration_floor
 
     assert set(CALIBRATION_FLOOR) == set(BACKENDS)
+    assert calibration_floor("a backend registered elsewhere") == FLOOR
     assert CALIBRATION_FLOOR["gmm"] == FLOOR  # its log-density ratios reach -700
     assert {CALIBRATION_FLOOR[n] for n in ("self", "vae", "gan")} == {SOFTMAX_FLOOR}

@@ -247,8 +247,9 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
     sel, _, guard = pipeline.choose_pseudo_labels(split, off, pl, baseline_val_accuracy=0.9)
     assert not guard["tripped"] and sel.mask.any()
     # auto: the best candidate trips (its kept labels are all one class), the next is used
+    n_u = len(split.x_u)
     lopsided = {**pl, "backend": "lopsided", "val_accuracy": 1.0,
-                "proba": np.tile([[0.99, 0.01]], (len(split.x_u), 1))}
+                "labels": np.zeros(n_u, np.int64), "conf": np.full(n_u, 0.99, np.float32)}
     honest = pipeline.pseudo_label(split, replace(cfg, backend=replace(cfg.backend,
                                                                        name="honest")),
                                    tmp_path, {}, use_ray=False)

@@ -168,3 +168,54 @@ def test_ece_ignores_unknown_labels() -> None:
     proba = np.eye(2)[[0, 1, 0]]
     assert expected_calibration_error(proba, y) == 0.0
     assert np.isnan(expected_calibration_error(proba, np.full(3, -1)))
+
+
+def test_ece_bins_of_parts_add_up_to_the_ece_of_the_whole(proba: np.ndarray) -> None:
+    from raysl.metrics import ece_bins, ece_from_bins
+
+    y = np.random.default_rng(1).integers(-1, N_CLASSES, len(proba))  # some unknown (-1)
+    conf, pred = proba.max(1), proba.argmax(1)
+    whole = expected_calibration_error(proba, y)
+    parts = sum(ece_bins(conf[a:b], pred[a:b], y[a:b]) for a, b in ((0, 7), (7, 300), (300, 500)))
+    assert ece_from_bins(parts) == pytest.approx(whole, abs=1e-12)
+    # the formula itself: sum over bins of |accuracy - confidence| weighted by the bin's rows
+    known = y >= 0
+    edges = np.linspace(0, 1, 16)
+    which = np.clip(np.digitize(conf[known], edges[1:-1], right=True), 0, 14)
+    direct = sum((which == b).mean() * abs((pred[known] == y[known])[which == b].mean()
+                                            - conf[known][which == b].mean())
+                 for b in range(15) if (which == b).any())
+    assert whole == pytest.approx(direct, abs=1e-12)
+    assert np.isnan(ece_from_bins(ece_bins(conf, pred, np.full(len(y), -1))))
+
+
+@pytest.mark.parametrize("n_shards", [1, 3])
+def test_shard_workers_label_the_pool_as_its_gathered_probabilities_would(n_shards: int) -> None:
+    """What the pipeline keeps of a backend's probabilities, computed by each shard's worker
+    (the probabilities are not gathered), equals what the gathered probabilities give:
+    calibrated labels and confidences, the same aligned to the labeled prior (from the whole
+    pool's mean), and the uncalibrated ECE; on one shard and on three."""
+    from raysl import pipeline
+    from raysl.backends import BACKENDS, FitContext
+    from raysl.backends.base import LabelCall, fit
+    from raysl.calibration import apply_temperature
+    from raysl.config import Config, apply_overrides
+    from raysl.select import align_to_prior, class_prior
+
+    cfg = apply_overrides(Config(), {"ray.enabled": False, "backend.name": "gmm",
+                                     "backend.gmm.max_iter": 4, "data.n_shards": n_shards})
+    split = pipeline.check(cfg)
+    ctx = FitContext(split.n_classes, split.input_shape, 0)
+    factory = BACKENDS["gmm"]
+    with pipeline.shard_workers(split, cfg, ctx, use_ray=False) as (ex, _):
+        res = fit(factory(cfg.backend, ctx), ex, split.x_l, split.y_l)
+        call = LabelCall(res.state, 3.0, 1e-12, "t")
+        rows, ece_raw = pipeline.pool_labels(ex, call, split, n_shards)
+    assert res.proba is not None
+    scaled = apply_temperature(res.proba.copy(), 3.0)
+    np.testing.assert_array_equal(rows["labels"], scaled.argmax(1))
+    np.testing.assert_array_equal(rows["conf"], scaled.max(1))
+    aligned = align_to_prior(scaled, class_prior(split.y_l, split.n_classes))
+    np.testing.assert_array_equal(rows["labels_aligned"], aligned.argmax(1))
+    np.testing.assert_allclose(rows["conf_aligned"], aligned.max(1), rtol=1e-6)
+    assert ece_raw == pytest.approx(expected_calibration_error(res.proba, split.y_u), abs=1e-9)

@@ -111,7 +111,7 @@ def test_backend_cache_survives_training_changes(digits_split, tmp_path: Path) -
                                                          "backend.actor_cpus": 1.0}),
                                   tmp_path, {})
     assert not pl["cached"] and again["cached"]
-    np.testing.assert_array_equal(pl["proba"], again["proba"])
+    np.testing.assert_array_equal(pl["conf"], again["conf"])
 
 
 def test_backend_cache_is_written_through_a_closed_file(digits_split, tmp_path: Path) -> None:
@@ -151,5 +151,5 @@ def test_the_embedding_gmm_is_refitted_for_another_baseline(digits_split,
     other = pipeline.pseudo_label(digits_split, cfg, tmp_path,
                                   {k: v * 1.5 for k, v in state.items()})
     assert not first["cached"] and again["cached"] and not other["cached"]
-    assert not np.allclose(first["proba"], other["proba"])
-    assert first["proba"].shape == (len(digits_split.x_u), digits_split.n_classes)
+    assert not np.allclose(first["conf"], other["conf"])
+    assert first["labels"].shape == first["conf"].shape == (len(digits_split.x_u),)

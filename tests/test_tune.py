@@ -354,14 +354,29 @@ class _Lines(logging.Handler):
         log.setLevel(self._level)
 
 
+def _no_fetch_on_the_driver(self: object) -> None:
+    raise AssertionError("the driver fetched rows it should have left in the object store")
+
+
 @pytest.fixture(scope="module")
 def searched(ray_session, tmp_path_factory):
+    """A search over a user's files (digits as Parquet, read through Ray Data): the driver
+    leaves the pool and test set in the object store (it is made unable to fetch them) and
+    the trials use its splits."""
+    from multinode_run import write_digits
+
+    from raysl.distributed.pool import RemoteRows
     from raysl.tuning import tune
 
     tmp = tmp_path_factory.mktemp("tune")
-    with _Lines() as lines:
+    write_digits(tmp / "digits")
+    with _Lines() as lines, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RemoteRows, "fetch", _no_fetch_on_the_driver)
         # trials in their own processes (num_workers=0): Train inside Tune is the resume test's
-        outcome = tune(_tiny({"train.num_workers": 0}),
+        # (select.guard off: with 2 epochs and 5 EM rounds on these unscaled pixels it drops
+        # the gmm's labels, and this search is about thresholds reaching the selection)
+        outcome = tune(_tiny({"train.num_workers": 0, "data.dataset": str(tmp / "digits"),
+                              "select.guard": False}),
                        _space(tmp, [0.5, 0.95], ["gmm", "self"], 2), tmp / "out")
     return outcome, lines
 
@@ -378,8 +393,13 @@ def test_thresholds_times_backends_cost_one_fit_per_backend(searched) -> None:
     # (one baseline: its dir links both fits, for replays)
     assert sorted(p.name.split("-")[1] for p in out.glob("shared/*/cache/proba-*.npz")) \
         == ["gmm", "self"]
-    # ... and every trial read the cache instead of fitting
+    # ... and every trial read the cache instead of fitting, on the driver's split: its pool
+    # in the object store, the data not read again by the trial
     assert all(r.metrics["backend_cached"] is True for r in outcome.records)
+    assert {r.metrics["pool"] for r in outcome.records} == {"object store"}
+    for log in out.glob("trials/*/log.txt"):
+        assert "[data]" not in log.read_text(), log
+    assert sum("[data]" in s and "left in the object store" in s for s in lines) == 1
     # thresholds do change what is selected from the same probabilities
     cov = {(r.config["backend.name"], r.config["select.threshold"]): r.metrics["coverage"]
            for r in outcome.records}

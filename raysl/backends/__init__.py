@@ -38,13 +38,18 @@ BACKENDS: dict[str, BackendFactory] = {
 
 # The floor under log p when a backend's probabilities are temperature-scaled
 # (raysl.calibration): a network's softmax keeps its logit gaps down to 1e-30; the GMM's
-# log-density ratios are clipped at 1e-12.
+# log-density ratios are clipped at 1e-12, as is a backend not listed (calibration_floor).
 CALIBRATION_FLOOR: dict[str, float] = {
     "gmm": FLOOR,
     "self": SOFTMAX_FLOOR,
     "vae": SOFTMAX_FLOOR,
     "gan": SOFTMAX_FLOOR,
 }
+
+
+def calibration_floor(name: str) -> float:
+    """The floor under log p for backend ``name``'s temperature scaling."""
+    return CALIBRATION_FLOOR.get(name, FLOOR)
 
 
 # backend.name=auto fits these (cheap: no neural network to train beyond the baseline) and
@@ -66,4 +71,4 @@ def backend_section(cfg: BackendConfig) -> object:
 
 
 __all__ = ["AUTO_BACKENDS", "BACKENDS", "CALIBRATION_FLOOR", "Backend", "FitContext",
-           "backend_section", "needs_classifier"]
+           "backend_section", "calibration_floor", "needs_classifier"]

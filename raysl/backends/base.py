@@ -4,7 +4,10 @@ A backend is fitted in rounds. Each round, every shard worker loads the driver's
 computes ``shard_stats`` on its shard (pure: no mutation), and the driver folds the list of
 statistics into new parameters with ``merge``. For the GMM the statistics are sufficient
 statistics (exact, whatever the sharding); for neural backends they are locally trained weights
-averaged by shard size (FedAvg). At the end each worker predicts its own shard.
+averaged by shard size (FedAvg). At the end each worker predicts its own shard: all of its
+probabilities (:meth:`ShardWorker.predict`, for benchmarks), or what the pipeline keeps of them
+(:meth:`ShardWorker.label`: each row's label and confidence; the probabilities stay with the
+worker).
 
 Where the shards live is the executor's business: :class:`LocalExecutor` here (a list), and
 ``raysl.distributed.actors.RayExecutor`` (one Ray actor per shard). Both drive the same
@@ -20,7 +23,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from raysl.calibration import apply_temperature
 from raysl.data import materialize
+from raysl.metrics import ece_bins
+from raysl.select import align_to_prior
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,32 @@ class Backend(Protocol):
 BackendFactory = Callable[[Any, FitContext], Backend]
 
 
+@dataclass(frozen=True)
+class LabelCall:
+    """What :meth:`ShardWorker.label` predicts with: the fitted backend ``state``, the
+    calibration (``temperature`` applied with ``floor`` under log p, raysl.calibration) and a
+    ``token`` naming the call (:meth:`ShardWorker.aligned` reuses its probabilities)."""
+
+    state: dict[str, Any]
+    temperature: float
+    floor: float
+    token: str
+
+
+@dataclass(frozen=True)
+class ShardLabels:
+    """What the driver keeps of one shard's probabilities (n_i, C) after calibration: each
+    row's argmax ``labels`` (n_i,) int64 and its probability ``conf`` (n_i,) float32;
+    ``psum`` (C,) their column sums (float64: the pool's mean prediction, for alignment);
+    ``ece_bins_raw`` the uncalibrated probabilities' ECE bins against the hidden labels
+    (:func:`raysl.metrics.ece_bins`)."""
+
+    labels: np.ndarray
+    conf: np.ndarray
+    psum: np.ndarray
+    ece_bins_raw: np.ndarray
+
+
 class ShardWorker:
     """Holds one shard and a backend instance; stateless between calls (the state comes with
     every call), so a restarted Ray actor or a retried call gives the same answer."""
@@ -83,6 +115,9 @@ class ShardWorker:
         # a shard left in Ray's object store (raysl.distributed.pool) is fetched here: by the
         # shard's actor, not the driver
         self.shard = replace(shard, x_u=materialize(shard.x_u))
+        # the last label() call's token and calibrated probabilities, for aligned(): a cache,
+        # not state (a restarted worker predicts them again)
+        self._last: tuple[str, np.ndarray] | None = None
 
     def stats(self, state: dict[str, Any]) -> Any:
         self.backend.load_state_dict(state)
@@ -95,11 +130,42 @@ class ShardWorker:
         self.backend.load_state_dict(state)
         return np.asarray(self.backend.predict_proba(self.shard.x_u), np.float32)
 
+    def _calibrated(self, call: LabelCall) -> np.ndarray:
+        if self._last is not None and self._last[0] == call.token:
+            return self._last[1]
+        proba = self.predict(call.state)
+        return apply_temperature(proba, call.temperature, out=proba, floor=call.floor)
+
+    def label(self, call: LabelCall, y: np.ndarray) -> ShardLabels:
+        """The shard's :class:`ShardLabels`; ``y`` (n_i,) its hidden labels (-1: unknown)."""
+        proba = self.predict(call.state)
+        raw = ece_bins(proba.max(1), proba.argmax(1), y)
+        proba = apply_temperature(proba, call.temperature, out=proba, floor=call.floor)
+        self._last = (call.token, proba)
+        return ShardLabels(proba.argmax(1).astype(np.int64), proba.max(1),
+                           proba.sum(0, dtype=np.float64), raw)
+
+    def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and confidences (n_i,) of the calibrated probabilities aligned to ``prior``
+        (C,) from the pool's mean prediction ``p_model`` (C,)
+        (:func:`raysl.select.align_to_prior`). Drops the probabilities kept since
+        :meth:`label`."""
+        proba = self._calibrated(call)
+        self._last = None
+        q = align_to_prior(proba, prior, p_model)
+        return q.argmax(1).astype(np.int64), q.max(1).astype(np.float32)
+
 
 class Executor(Protocol):
     def stats(self, state: dict[str, Any]) -> list[Any]: ...
 
     def predict(self, state: dict[str, Any]) -> list[np.ndarray]: ...
+
+    def label(self, call: LabelCall, ys: Sequence[np.ndarray]) -> list[ShardLabels]: ...
+
+    def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
+                ) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
 
 class LocalExecutor:
@@ -114,10 +180,18 @@ class LocalExecutor:
     def predict(self, state: dict[str, Any]) -> list[np.ndarray]:
         return [w.predict(state) for w in self.workers]
 
+    def label(self, call: LabelCall, ys: Sequence[np.ndarray]) -> list[ShardLabels]:
+        return [w.label(call, y) for w, y in zip(self.workers, ys, strict=True)]
+
+    def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [w.aligned(call, p_model, prior) for w in self.workers]
+
 
 @dataclass
 class FitResult:
-    proba: np.ndarray  # (n_u, C) float32, rows in shard order = unlabeled pool order
+    # (n_u, C) float32, rows in shard order = unlabeled pool order; None: not predicted
+    proba: np.ndarray | None
     objective: list[float] = field(default_factory=list)  # one per round
     rounds: int = 0
     seconds: float = 0.0
@@ -126,8 +200,10 @@ class FitResult:
 
 def fit(backend: Backend, executor: Executor, x_l: np.ndarray, y_l: np.ndarray,
         max_rounds: int = 10_000,
-        progress: Callable[[int, float], None] | None = None) -> FitResult:
-    """Fit ``backend`` over the executor's shards and predict every unlabeled row."""
+        progress: Callable[[int, float], None] | None = None,
+        predict: bool = True) -> FitResult:
+    """Fit ``backend`` over the executor's shards and (``predict``) gather the probabilities
+    of every unlabeled row."""
     t0 = time.perf_counter()
     backend.init(x_l, y_l)
     objective: list[float] = []
@@ -135,6 +211,6 @@ def fit(backend: Backend, executor: Executor, x_l: np.ndarray, y_l: np.ndarray,
         objective.append(float(backend.merge(executor.stats(backend.state_dict()))))
         if progress is not None:
             progress(len(objective), objective[-1])
-    proba = np.concatenate(executor.predict(backend.state_dict()), axis=0)
+    proba = np.concatenate(executor.predict(backend.state_dict()), axis=0) if predict else None
     return FitResult(proba, objective, len(objective), time.perf_counter() - t0,
                      backend.state_dict())

@@ -356,7 +356,7 @@ def main(argv: list[str]) -> int:
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     overrides.update(parse_set(args.set))
     base = apply_overrides(Config(), {**overrides, "ray.enabled": False})
-    from raysl.backends import BACKENDS, CALIBRATION_FLOOR
+    from raysl.backends import BACKENDS, calibration_floor
 
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     unknown = [n for n in names if n not in BACKENDS]
@@ -454,7 +454,7 @@ def main(argv: list[str]) -> int:
                            "overrides": ov_key, "seconds": secs, "baseline_seconds": base_secs,
                            "executor": "local" if args.local else "ray", **extra,
                            **score(proba, val_proba, split, threshold,
-                                   CALIBRATION_FLOOR.get(name, FLOOR))}
+                                   calibration_floor(name))}
                     done[(ds, args.labels_per_class, seed, label, ov_key)] = row
                     with rows_path.open("a") as f:
                         f.write(json.dumps(_json_safe(row)) + "\n")

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import ray
 
-from raysl.backends.base import BackendFactory, FitContext, Shard, ShardWorker
+from raysl.backends.base import (
+    BackendFactory,
+    FitContext,
+    LabelCall,
+    Shard,
+    ShardLabels,
+    ShardWorker,
+)
 
 
 class _ShardActor(ShardWorker):
@@ -57,6 +64,15 @@ class RayExecutor:
     def predict(self, state: dict[str, Any]) -> list[np.ndarray]:
         ref = ray.put(state)
         return ray.get([a.predict.remote(ref) for a in self.actors])
+
+    def label(self, call: LabelCall, ys: list[np.ndarray]) -> list[ShardLabels]:
+        ref = ray.put(call)
+        return ray.get([a.label.remote(ref, y) for a, y in zip(self.actors, ys, strict=True)])
+
+    def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        ref = ray.put(call)
+        return ray.get([a.aligned.remote(ref, p_model, prior) for a in self.actors])
 
     def node_ids(self) -> list[str]:
         """The Ray node each shard's actor runs on."""

@@ -51,6 +51,9 @@ logger = logging.getLogger("raysl")
 # Routing tasks are light (numpy slicing): a fraction of a CPU each, so a 2-CPU machine runs
 # several at once.
 TASK_CPUS = 0.25
+# "DEFAULT", not left unset: a Tune trial (0.1 CPU) that evaluates a test set in the store
+# would otherwise put the tasks in its own placement group, where they can never fit.
+TASK_OPTIONS: dict[str, Any] = {"num_cpus": TASK_CPUS, "scheduling_strategy": "DEFAULT"}
 _DRIVER, _TEST, _POOL = 0, 1, 2  # destinations: the driver, the test set, shard 0 (then 1, ...)
 
 
@@ -168,7 +171,7 @@ class RemoteRows:
     def moments(self) -> list[Moments]:
         """Each shard's :class:`~raysl.preprocess.Moments`, computed by a task per shard: what
         ``Moments.of`` of each shard's fetched rows gives, without fetching them here."""
-        return ray.get([_moments.options(num_cpus=TASK_CPUS).remote(s) for s in
+        return ray.get([_moments.options(**TASK_OPTIONS).remote(s) for s in
                         self.shards(len(self.parts))])
 
     def predict(self, model_state: dict[str, Any], build: Callable[[], torch.nn.Module]
@@ -176,7 +179,7 @@ class RemoteRows:
         """The class predicted for every row ``(n,)`` by the model ``build()`` with
         ``model_state`` loaded, one task per shard."""
         state = ray.put(model_state)
-        preds = ray.get([_predict.options(num_cpus=TASK_CPUS).remote(s, state, build)
+        preds = ray.get([_predict.options(**TASK_OPTIONS).remote(s, state, build)
                          for s in self.shards(len(self.parts))])
         return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
@@ -294,7 +297,7 @@ def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
     same order; ``split.key`` differs (it hashes the blocks). Needs a Ray session."""
     # 1. read into the store; one survey task per block
     blocks = _read_blocks(ds, what, explain)
-    surveys = ray.get([_survey.options(num_cpus=TASK_CPUS).remote(b, check) for b in blocks])
+    surveys = ray.get([_survey.options(**TASK_OPTIONS).remote(b, check) for b in blocks])
     for s in surveys:
         if s["error"]:
             raise DataError(s["error"])
@@ -334,7 +337,7 @@ def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
 
     # 3. route every block's rows
     n_out = _POOL + cfg.n_shards
-    route = ray.remote(num_returns=n_out, num_cpus=TASK_CPUS)(_route)
+    route = ray.remote(num_returns=n_out, **TASK_OPTIONS)(_route)
     routed = [route.remote(b, plan, n_out) for b in blocks]
     del blocks  # the read blocks are freed once routed
     mine = np.sort(np.concatenate([idx_l, idx_v]))  # their keys are their positions

@@ -51,7 +51,7 @@ import ray.tune
 from raysl import pipeline, stages
 from raysl.backends import BACKENDS
 from raysl.config import Config, apply_overrides, dump_yaml, to_dict
-from raysl.data import Split
+from raysl.data import Remote, Split
 from raysl.errors import ConfigError
 from raysl.io import sha256_file, write_json, write_text, write_with
 from raysl.tuning.report import ReportInputs, TrialRecord, best, write_report
@@ -166,11 +166,19 @@ def trial_log(path: Path) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _trial(config: dict[str, Any], base: Config, root: str) -> None:
+def _data_key(cfg: Config) -> str:
+    """What makes two configs' splits the same: their ``data.*`` settings."""
+    return json.dumps(asdict(cfg.data), sort_keys=True)
+
+
+def _trial(config: dict[str, Any], base: Config, root: str,
+           splits: Mapping[str, Split] | None = None) -> None:
     """One trial (a Tune function trainable): select from the cached probabilities, train the
     joint model with a TorchTrainer that reports every epoch to Tune, then report the final
     model's metrics once more with ``final=True``. The trial's raysl log records go to
-    ``trials/<trial_id>/log.txt``.
+    ``trials/<trial_id>/log.txt``. ``splits``: the driver's splits by :func:`_data_key` (a
+    user's files: pool and test set in the object store); a trial whose data settings are not
+    among them reads its data itself.
 
     A restored trial runs this again from the top: the upstream stages are cache hits, and the
     Train run (stable name ``train-<trial_id>``) resumes from its latest checkpoint."""
@@ -195,7 +203,8 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
         # other forever (actors are not gang-scheduled); same result, as the actor==local
         # tests show. The baseline's Train run is named by trial so two trials missing the
         # same baseline never share a run directory (both write the same result, atomically).
-        split, base_rec, pl, _ = _upstream(cfg, Path(root), use_ray=False, verbose=False,
+        split, base_rec, pl, _ = _upstream(cfg, Path(root), (splits or {}).get(_data_key(cfg)),
+                                           use_ray=False, verbose=False,
                                            run_name=f"baseline-{trial_id}")
         # the same pseudo-labels as `raysl run` with this config: a replay of best.yaml matches
         sel, plm, _ = pipeline.choose_pseudo_labels(split, cfg, pl, base_rec["val_accuracy"])
@@ -211,6 +220,7 @@ def _trial(config: dict[str, Any], base: Config, root: str) -> None:
             "baseline_test_accuracy": base_rec["test_accuracy"],
             "epochs": j["epochs"], "resumed_from_epoch": j["resumed_from_epoch"],
             "backend_cached": pl["cached"], "fit_seconds": pl["seconds"],
+            "pool": "object store" if isinstance(split.x_u, Remote) else "trial",
             "seconds": time.perf_counter() - t0,
         }
         write_json(tdir / "result.json", pipeline.json_safe(final))
@@ -282,11 +292,15 @@ def quiet_tune_console() -> Iterator[None]:
             os.environ.pop(AIR_NEW_OUTPUT, None)
 
 
-def _tuner(spec: SearchSpec, base: Config, root: Path, concurrency: int, resume: bool) -> Any:
+def _tuner(spec: SearchSpec, base: Config, root: Path, concurrency: int, resume: bool,
+           splits: Mapping[str, Split]) -> Any:
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, root=str(root)),
-                                    {"cpu": TRIAL_CPUS, "gpu": 0})
+    # the splits go into the object store once (their pool's rows, left there by a reader,
+    # are not copied: only their references travel)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, root=str(root), splits=dict(splits)),
+        {"cpu": TRIAL_CPUS, "gpu": 0})
     exp = root / EXPERIMENT
     if resume:
         # Finished trials are kept as they are; unfinished and errored ones run again (their
@@ -454,24 +468,35 @@ def tune(cfg: Config, space: Mapping[str, Any] | str | Path | None = None,
             raise ConfigError("space file: search=optuna needs the optuna package "
                               "(pip install optuna)") from None
     # Everything that can fail on bad input, before Ray starts: every upstream setting's data
-    # split and backend name.
+    # split and backend name. A user's files are the exception: their names and plan are
+    # checked first, then read through Ray Data in the search's own Ray, so that the pool and
+    # test set stay in the object store (as `raysl run` does) and the trials get these splits
+    # instead of reading the data again.
     prefit = [apply_overrides(base, ov) for ov in prefit_overrides(spec, base)]
-    splits: dict[str, Split] = {}
-    for c in prefit:
-        k = json.dumps(asdict(c.data), sort_keys=True)
-        splits[k] = splits[k] if k in splits else pipeline.check(c)
-    root.mkdir(parents=True, exist_ok=True)
-    same = _check_same_search(root / "search.json", spec, base)
-    exp = root / EXPERIMENT
-    # A driver killed while Tune wrote tuner.pkl leaves it empty: nothing to resume then.
-    resume = (same and ray.tune.Tuner.can_restore(str(exp))
-              and (exp / "tuner.pkl").stat().st_size > 0)
-    if resume:
-        _check_own_tuner(root)  # before Tune unpickles it
+    started = False
+    try:
+        for c in prefit:
+            started = pipeline.start_ray_for_data(c) or started
+        splits: dict[str, Split] = {}
+        for c in prefit:
+            k = _data_key(c)
+            splits[k] = splits[k] if k in splits else pipeline.check(c)
+        root.mkdir(parents=True, exist_ok=True)
+        same = _check_same_search(root / "search.json", spec, base)
+        exp = root / EXPERIMENT
+        # A driver killed while Tune wrote tuner.pkl leaves it empty: nothing to resume then.
+        resume = (same and ray.tune.Tuner.can_restore(str(exp))
+                  and (exp / "tuner.pkl").stat().st_size > 0)
+        if resume:
+            _check_own_tuner(root)  # before Tune unpickles it
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
 
     from raysl.distributed.session import ensure_ray
 
-    started = ensure_ray(base.ray)
+    started = ensure_ray(base.ray) or started
     try:
         from raysl.distributed.resources import check_resources
 
@@ -482,7 +507,7 @@ def tune(cfg: Config, space: Mapping[str, Any] | str | Path | None = None,
         # Fit every baseline and backend the trials will read, once, before they start.
         fits = 0
         for c in prefit:
-            split = splits[json.dumps(asdict(c.data), sort_keys=True)]
+            split = splits[_data_key(c)]
             _, _, pl, _ = _upstream(c, root, split=split, verbose=False)
             fits += sum(not r["cached"] for r in pl.get("ranked", [pl]))
         logger.info("[tune] %d upstream setting(s) ready (%d backend fit(s) now, the rest "
@@ -491,7 +516,7 @@ def tune(cfg: Config, space: Mapping[str, Any] | str | Path | None = None,
         logger.info("[tune] up to %d trial(s) at once, %s CPU each + %d worker(s) × %s CPU%s",
                     concurrency, TRIAL_CPUS, max(base.train.num_workers, 1),
                     base.train.cpus_per_worker, " + 1 GPU" if base.train.use_gpu else "")
-        tuner = _tuner(spec, base, root, concurrency, resume)
+        tuner = _tuner(spec, base, root, concurrency, resume, splits)
         if not resume:  # Tune wrote tuner.pkl just now, once: remember it is ours
             write_text(root / OWNER_FILE, sha256_file(exp / "tuner.pkl") + "\n")
         with quiet_tune_console():
