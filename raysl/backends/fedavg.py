@@ -147,8 +147,10 @@ def train_local(trainer: LocalTrainer, model: nn.Module, opts: list[torch.optim.
     rng = np.random.default_rng(key)
     gen = torch.Generator().manual_seed(key)
     x_u = torch.from_numpy(np.ascontiguousarray(shard.x_u, np.float32))
-    x_l = torch.from_numpy(np.ascontiguousarray(shard.x_l, np.float32))
-    y_l = torch.from_numpy(np.asarray(shard.y_l, np.int64))
+    # copies: the labeled rows are few, and on an actor they are read-only arrays from the
+    # object store, which torch.from_numpy warns about
+    x_l = torch.tensor(np.asarray(shard.x_l, np.float32))
+    y_l = torch.tensor(np.asarray(shard.y_l, np.int64))
     steps = local_steps(len(x_u), sched)
     for opt in opts:
         for g in opt.param_groups:
