@@ -502,7 +502,6 @@ _LABEL_ARRAYS = ("labels", "conf", "labels_aligned", "conf_aligned")
 _CACHE_FORMAT = 2
 _CACHE_ARRAYS = (*_LABEL_ARRAYS, "val_proba", "seconds", "rounds", "objective", "nodes",
                  "temperature", "ece_uncalibrated")
-_OPTIONAL_ARRAYS: tuple[str, ...] = ()
 
 
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
@@ -513,7 +512,6 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as f:
             cached = {k: f[k] for k in _CACHE_ARRAYS}
-            cached.update({k: f[k] for k in _OPTIONAL_ARRAYS if k in f.files})
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         logger.warning("%s: corrupt or incomplete (%s); removing it and refitting", path,
                        type(e).__name__)

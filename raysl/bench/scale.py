@@ -259,9 +259,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             n_u = len(split.x_u)
             with mon.stage(STAGES[1], n_u) as rec:
                 pl = pipeline.pseudo_label(split, cfg, out, {}, use_ray=True)
-                sel, _ = pipeline.selection(split, cfg, pl["proba"], "gmm")
+                sel, _ = pipeline.selection(split, cfg, pl)
                 rec.update(rounds=pl["rounds"], selected=int(sel.mask.sum()))
-                del pl  # as `raysl run` does: the probabilities are not held through the job
+                del pl  # as `raysl run` does: the labels are not held through the job
             with mon.stage(STAGES[2], n_u * cfg.train.epochs) as rec:
                 j = pipeline.joint(split, cfg, out, sel, verbose=False)
                 rec["steps"] = int(sum(h.get("steps", 0) for h in j["history"]))
