@@ -213,8 +213,9 @@ def test_bench_accuracy_on_ray_tasks_equals_the_in_process_run(tmp_path: Path) -
     from raysl.bench.accuracy import main
 
     argv = ["--datasets", "digits", "--labels", "1", "--seeds", "2", "--threads", "1",
-            "--methods", "label_spreading,supervised", "--set", "train.epochs=1",
-            "--set", "train.hidden=16"]
+            "--methods", "label_spreading,supervised,backends", "--backends", "gmm",
+            "--set", "train.epochs=1", "--set", "train.hidden=16",
+            "--set", "backend.gmm.max_iter=3"]
     assert main([*argv, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
     assert main([*argv, "--out", str(tmp_path / "plain"), "--workers", "1"]) == 0
 
@@ -223,7 +224,7 @@ def test_bench_accuracy_on_ray_tasks_equals_the_in_process_run(tmp_path: Path) -
         return {(r["seed"], r["method"]): r["test_accuracy"] for r in map(json.loads, lines)}
 
     on_ray = rows("ray")
-    assert len(on_ray) == 4 and on_ray == rows("plain")
+    assert len(on_ray) == 6 and on_ray == rows("plain")
 
 
 def test_shard_actors_reserve_no_gpu_when_training_uses_one(split) -> None:

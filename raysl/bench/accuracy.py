@@ -48,7 +48,7 @@ import torch
 from raysl.config import Config, DataConfig, TrainConfig, apply_overrides, parse_set
 from raysl.data import Split, load_dataset, make_split
 from raysl.metrics import pseudo_label_metrics
-from raysl.select import Selection, select
+from raysl.select import Selection, select_labels
 from raysl.train import TrainData, accuracy, init_model, state_to_numpy, train_loop
 
 # The training budget of each dataset (the same for every online neural method on it).
@@ -134,7 +134,8 @@ def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
 
     cfg = replace(cfg, backend=replace(cfg.backend, name=backend))
     pl = pseudo_label(split, cfg, out, sup_state, use_ray=False)
-    sel = select(pl["proba"], cfg.select.criterion, cfg.select.threshold, cfg.select.k_best)
+    sel = select_labels(pl["labels"], pl["conf"], split.n_classes, cfg.select.criterion,
+                        cfg.select.threshold, cfg.select.k_best)
     return sel, pseudo_label_metrics(sel, split.y_u)
 
 
