@@ -54,6 +54,7 @@ class RayExecutor:
             raise ValueError("every shard must hold the same labeled arrays")
         self._refs = [ray.put(ctx), ray.put(labeled),
                       *[ray.put(replace(s, x_l=None, y_l=None)) for s in shards]]
+        self._call: tuple[str, ray.ObjectRef] | None = None
         self.actors = [actor_cls.remote(factory, backend_cfg, self._refs[0], ref, self._refs[1])
                        for ref in self._refs[2:]]
 
@@ -65,13 +66,19 @@ class RayExecutor:
         ref = ray.put(state)
         return ray.get([a.predict.remote(ref) for a in self.actors])
 
+    def _put(self, call: LabelCall) -> ray.ObjectRef:
+        # label() and aligned() send the same call (the backend's whole state): put it once
+        if self._call is None or self._call[0] != call.token:
+            self._call = (call.token, ray.put(call))
+        return self._call[1]
+
     def label(self, call: LabelCall, ys: list[np.ndarray]) -> list[ShardLabels]:
-        ref = ray.put(call)
+        ref = self._put(call)
         return ray.get([a.label.remote(ref, y) for a, y in zip(self.actors, ys, strict=True)])
 
     def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-        ref = ray.put(call)
+        ref = self._put(call)
         return ray.get([a.aligned.remote(ref, p_model, prior) for a in self.actors])
 
     def node_ids(self) -> list[str]:
@@ -81,7 +88,7 @@ class RayExecutor:
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        self.actors, self._refs = [], []
+        self.actors, self._refs, self._call = [], [], None
 
     def __enter__(self) -> RayExecutor:
         return self
