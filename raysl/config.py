@@ -175,6 +175,12 @@ class TrainConfig:
     # plateau at chance in the first hundreds of steps; raysl.models.he_init)
     checkpoint_every: int = 1  # Ray Train checkpoint every N epochs (and after the last);
     # metrics are reported every epoch. A crash redoes at most N epochs.
+    # Where a Ray Train rank keeps its share of rows read from the object store (the kept
+    # pseudo-labeled rows, the pool): memory, disk (a memory-mapped file in the node's temp
+    # directory, removed with the process; the OS pages rows in as the steps draw them), or
+    # auto: disk when a field's share would take more than a quarter of the node's available
+    # memory. Where, never what: the same rows, the same training.
+    share_storage: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -259,6 +265,7 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "train.offline": ("targets", "warm", "prior", "none"),
     "train.init": ("torch", "he"),
     "train.checkpoint_every": (1, None),
+    "train.share_storage": ("auto", "memory", "disk"),
     "ray.num_cpus": (0, None),
 }
 

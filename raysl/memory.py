@@ -1,4 +1,5 @@
-"""Giving freed memory back to the operating system between the pipeline's stages.
+"""Memory: giving freed memory back to the operating system between the pipeline's stages,
+arrays kept on disk instead of the heap, and what a process uses.
 
 The driver's per-row work (labels, ids, the split's indices, the pool's probabilities) makes
 arrays of a few MB each that live for one step. glibc serves an allocation that large with its
@@ -8,6 +9,10 @@ then on freed arrays stay in the process as free heap: measured on ``raysl bench
 700,000 rows, the read + split step left 44 MB resident that was no longer used, and the
 pseudo-label step 38 MB more. :func:`trim` asks glibc to release it (``malloc_trim(0)``, what
 Dask's workers do through ``MALLOC_TRIM_THRESHOLD_``); elsewhere it does nothing.
+
+:func:`disk_array` is where a Ray Train rank keeps a share of rows too large for its memory
+(``train.share_storage``): a file mapping whose pages the OS writes back and evicts under
+pressure, where heap pages could only be swapped (or the process killed).
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
+import mmap
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 
 
 @functools.cache
@@ -38,4 +50,51 @@ def trim() -> bool:
     return bool(fn(0)) if fn is not None else False
 
 
-__all__ = ["trim"]
+def disk_array(shape: tuple[int, ...], directory: str | None = None) -> np.ndarray:
+    """A zero-filled float32 array of ``shape`` backed by a file in ``directory`` (default:
+    the system's temp directory, ``TMPDIR``) instead of the heap. The file is unlinked as soon
+    as it is mapped, so its space is freed with the last reference to the array (or the
+    process), and nothing is left behind, even after a crash."""
+    count = math.prod(shape)
+    if count == 0:
+        return np.zeros(shape, np.float32)
+    fd, path = tempfile.mkstemp(prefix="raysl-rows-", suffix=".f32", dir=directory)
+    try:
+        os.ftruncate(fd, count * 4)  # sparse: no disk block is written until a row is
+        buf = mmap.mmap(fd, count * 4)  # shared and writable: pages go back to the file
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return np.frombuffer(buf, np.float32, count).reshape(shape)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new work on this node (Linux's ``MemAvailable``: free
+    plus reclaimable), or None where /proc/meminfo is not there."""
+    return _proc_fields(Path("/proc/meminfo")).get("MemAvailable")
+
+
+def process_memory() -> dict[str, int]:
+    """This process's memory in bytes, from /proc/self/status (Linux; {} elsewhere):
+    ``VmHWM`` (peak resident), ``VmRSS`` (resident now), ``RssAnon`` (of it, heap and other
+    anonymous pages) and ``RssFile`` (file pages, e.g. a :func:`disk_array`'s)."""
+    fields = _proc_fields(Path("/proc/self/status"))
+    return {k: fields[k] for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile") if k in fields}
+
+
+def _proc_fields(path: Path) -> dict[str, int]:
+    """``Name:  123 kB`` lines of a /proc file, in bytes."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        value = rest.split()
+        if len(value) == 2 and value[1] == "kB" and value[0].isdigit():
+            out[name] = int(value[0]) * 1024
+    return out
+
+
+__all__ = ["available_memory", "disk_array", "process_memory", "trim"]

@@ -198,8 +198,10 @@ class TrainOutcome:
     seconds: float = 0.0
     resumed_from_epoch: int = -1  # -1 when the run started fresh
     nodes: list[str] = field(default_factory=list)  # the Ray node of each rank (Ray Train)
-    # per rank, the rows it read through Ray Data, by field ({} when it was handed arrays)
-    rank_rows: list[dict[str, int]] = field(default_factory=list)
+    # per rank, the rows it read through Ray Data by field ({"x_p": n, "x_u": n}; none when
+    # it was handed arrays), "on_disk": the fields it kept in a file-backed array
+    # (train.share_storage), "memory": its raysl.memory.process_memory() after the loop
+    rank_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 Snapshot = Callable[[], dict[str, Any]]

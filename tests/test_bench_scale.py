@@ -51,6 +51,14 @@ def test_targets_pass_and_fail_on_the_ratios() -> None:
     grows = scale.targets([_result(1000, 1e9, 1.0), _result(10000, 5e9, 20.0)])
     assert [(m, v) for _, m, v in grows][:2] == [("5.00", "FAIL"), ("0.50", "FAIL")]
     assert scale.targets([_result(1000, 1e9, 1.0)])[0][2] == "n/a"
+    # the Train ranks' memory, when the runs recorded it: the largest rank's, as a ratio
+    small, large = _result(1000, 1e9, 1.0), _result(10000, 1.1e9, 12.0)
+    for r, anon in ((small, (2e8, 3e8)), (large, (5e8, 6e8))):
+        r["ranks"] = [{"x_p": 10, "x_u": 20, "on_disk": ["x_p"],
+                       "memory": {"RssAnon": a, "RssFile": 1e8, "VmHWM": 9e8}} for a in anon]
+    assert scale.targets([small, large])[-1][1:] == ("2.00", "-")
+    text = scale.table([small, large])
+    assert "| 10,000 | 1 | 10 / 20 | disk: x_p | 0.60 | 0.10 | 0.90 |" in text, text
 
 
 def test_bad_options_fail_before_any_work(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""raysl.memory.trim: freed heap memory goes back to the system (glibc)."""
+"""raysl.memory: freed heap memory goes back to the system (glibc); file-backed arrays; what a
+process uses."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from raysl.memory import _malloc_trim, trim
+from raysl.memory import _malloc_trim, available_memory, disk_array, process_memory, trim
 
 
 def _rss() -> int:
@@ -35,3 +36,49 @@ def test_trim_returns_freed_arrays_to_the_system() -> None:
     # ~32 MB here (glibc shrinks the top of the heap by itself; the rest is what trim frees)
     assert released > 16 << 20, f"released {released / 2**20:.1f} MB of the ~80 MB freed"
     assert len(pins) == 40
+
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc (Linux)")
+
+
+def test_a_disk_array_holds_rows_and_leaves_no_file(tmp_path: object) -> None:
+    d = str(tmp_path)
+    a = disk_array((1000, 3, 4), d)
+    assert a.shape == (1000, 3, 4) and a.dtype == np.float32 and not a.any()
+    assert os.listdir(d) == []  # unlinked once mapped: nothing to clean up, even after a crash
+    rows = np.random.default_rng(0).random((1000, 3, 4), dtype=np.float32)
+    a[np.arange(999, -1, -1)] = rows[::-1]  # scattered writes, as a rank's read does
+    np.testing.assert_array_equal(a[[5, 17, 999]], rows[[5, 17, 999]])
+    assert disk_array((0, 3), d).shape == (0, 3)
+
+
+@LINUX
+def test_a_disk_arrays_rows_are_file_pages_not_heap(tmp_path: object) -> None:
+    """What train.share_storage=disk is for: 64 MB of rows resident as file pages (which the
+    kernel can write back and drop under pressure), not as the process's anonymous memory."""
+    before = process_memory()
+    a = disk_array((16, 1 << 20), str(tmp_path))  # 64 MB
+    a[:] = 1.0
+    after = process_memory()
+    assert after["RssFile"] - before["RssFile"] > 48 << 20, (before, after)
+    assert after["RssAnon"] - before["RssAnon"] < 16 << 20, (before, after)
+    assert float(a.sum()) == 16 * (1 << 20)
+
+
+@LINUX
+def test_available_memory_is_what_the_kernel_reports() -> None:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    avail = available_memory()
+    assert avail is not None and 0 < avail <= total
+
+
+def test_where_a_rank_keeps_its_share() -> None:
+    from raysl.distributed.trainer import DISK_SHARE, share_on_disk
+
+    gb = 1 << 30
+    assert not share_on_disk("memory", 100 * gb, 1 * gb)
+    assert share_on_disk("disk", 1, 100 * gb)
+    # auto: the heap unless the share is more than DISK_SHARE of what the node has available
+    assert not share_on_disk("auto", int(DISK_SHARE * 8 * gb), 8 * gb)
+    assert share_on_disk("auto", int(DISK_SHARE * 8 * gb) + 1, 8 * gb)
+    assert not share_on_disk("auto", 100 * gb, None)  # not known (no /proc): the heap

@@ -235,9 +235,10 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
     for rows, want in ((remote.x_u, mem.x_u), (remote.x_u[keep], mem.x_u[keep])):
         for r, ds in enumerate(rows.rank_datasets(2)):
             share = rank_share(len(want), r, 2)
-            got = rows_from_batches(ds.iter_batches(batch_size=None), len(share),
-                                    rows.row_shape)
-            np.testing.assert_array_equal(got, want[share])
+            for on_disk in (False, True):  # train.share_storage: the heap or a mapped file
+                got = rows_from_batches(ds.iter_batches(batch_size=None), len(share),
+                                        rows.row_shape, on_disk=on_disk)
+                np.testing.assert_array_equal(got, want[share])
     with pytest.raises(RuntimeError, match="read 0 of 3 rows"):  # a short read is an error
         rows_from_batches(iter([]), 3, remote.x_u.row_shape)
 

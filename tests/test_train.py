@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import mmap
 from dataclasses import replace
 
 import numpy as np
@@ -310,12 +311,19 @@ def test_ranks_get_different_labeled_rows_and_disjoint_pseudo_rows() -> None:
     assert abs(len(p0) - len(p1)) <= 1
 
 
+def _mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` is a view of a memory map (a :func:`raysl.memory.disk_array`)."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return isinstance(a.obj if isinstance(a, memoryview) else a, mmap.mmap)
+
+
 class _Held:
     """Rows held elsewhere (the :class:`raysl.data.Remote` protocol), as a split read with Ray
     leaves the pool: ``TrainData.for_rank`` must read only the rank's share of them."""
 
-    def __init__(self, x: np.ndarray) -> None:
-        self.x = x
+    def __init__(self, x: np.ndarray, on_disk: bool = False) -> None:
+        self.x, self.on_disk = x, on_disk
         self.reads: list[np.ndarray] = []
 
     def __len__(self) -> int:
@@ -325,8 +333,14 @@ class _Held:
         raise AssertionError("a rank fetched all the rows")
 
     def read(self, field: str, share: np.ndarray) -> np.ndarray:
+        from raysl.distributed.pool import rows_from_batches
+
         self.reads.append(share)
-        return self.x[share]
+        # as a Ray Train rank assembles its share: batches of (index in the share, rows)
+        half = len(share) // 2
+        batches = [{"i": np.arange(a, b), "x": self.x[share[a:b]]}
+                   for a, b in ((half, len(share)), (0, half))]
+        return rows_from_batches(batches, len(share), self.x.shape[1:], on_disk=self.on_disk)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 41])
@@ -347,14 +361,18 @@ def test_rank_shares_split_the_rows(n: int, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_a_rank_holding_only_its_share_trains_as_with_all_rows(world: int) -> None:
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_rank_holding_only_its_share_trains_as_with_all_rows(world: int, on_disk: bool
+                                                               ) -> None:
+    """... on the heap or in a file-backed array (``train.share_storage=disk``)."""
     data = _data((16,), n_p=41)
-    held = _Held(data.x_p)
+    held = _Held(data.x_p, on_disk)
     for rank in range(world):
         full, local = _model((16,)), _model((16,))
         _train(full, data, CFG, rank=rank, world_size=world)
         mine = replace(data, x_p=held).for_rank(rank, world, held.read)
         assert isinstance(mine.x_p, RankRows) and len(mine.x_p) == 41
+        assert _mapped(mine.x_p.rows) == on_disk
         _train(local, mine, CFG, rank=rank, world_size=world)
         assert _identical(_params(full), _params(local))
         assert np.array_equal(held.reads[-1], rank_share(41, rank, world))

@@ -38,6 +38,7 @@ from raysl.config import DataConfig
 from raysl.data import Dataset, Split, _fingerprint_params, encode_labels, shard_bounds
 from raysl.data import split_indices as _split_indices
 from raysl.errors import DataError
+from raysl.memory import disk_array
 from raysl.preprocess import Moments, Standardizer
 from raysl.readers.rows import label_values, normalize_labels, read_error, tensor_to_numpy
 
@@ -208,11 +209,12 @@ def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
 
 
 def rows_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
-                      row_shape: tuple[int, ...]) -> np.ndarray:
+                      row_shape: tuple[int, ...], on_disk: bool = False) -> np.ndarray:
     """The ``n`` rows ``(n, *row_shape)`` float32 of the batches of a dataset of
     :meth:`RemoteRows.rank_datasets`, each put at its index; an error when any row is missing
-    (a short read)."""
-    out = np.empty((n, *row_shape), np.float32)
+    (a short read). ``on_disk``: in a file-backed array (:func:`raysl.memory.disk_array`),
+    not on the heap."""
+    out = disk_array((n, *row_shape)) if on_disk else np.empty((n, *row_shape), np.float32)
     seen = np.zeros(n, bool)
     for b in batches:
         i = np.asarray(b["i"], np.int64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
 from raysl.distributed.pool import RemoteRows, rows_from_batches
+from raysl.memory import available_memory, process_memory
 from raysl.train import (
     RankRows,
     Snapshot,
@@ -91,12 +93,22 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data: TrainData = ray.get(config["data"])
 
+    on_disk: list[str] = []
+
     def read(field: str, share: np.ndarray) -> np.ndarray:
         # this rank's rows of a field left in the object store: its own dataset (see
         # _rank_datasets), read here through Ray Train; the other ranks' rows never come here
+        row_shape = getattr(data, field).row_shape
+        nbytes = 4 * len(share) * math.prod(row_shape)
+        disk = share_on_disk(cfg.share_storage, nbytes, available_memory())
+        if disk:
+            on_disk.append(field)
+            log.info("[train] rank %d keeps its %d rows of %s (%.2f GB) in a file-backed array "
+                     "(train.share_storage=%s)", rank, len(share), field, nbytes / 2**30,
+                     cfg.share_storage)
         shard = ray.train.get_dataset_shard(f"{field}-{rank}")
         return rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
-                                 len(share), getattr(data, field).row_shape)
+                                 len(share), row_shape, on_disk=disk)
 
     data = data.for_rank(rank, world, read)
     device = ray.train.torch.get_device()
@@ -121,9 +133,12 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     kept, history, _ = train_loop(model, data, cfg, rank=rank, world_size=world, device=device,
                                   resume=resume, on_epoch=report, name=config["name"],
                                   verbose=config["verbose"])
-    # where every rank ran and what it read, for the record (and the multi-node test)
+    # where every rank ran, what it read, where it kept it and its memory at the end of the
+    # loop (its rows still held), for the record (the multi-node test, `raysl bench scale`)
+    read_rows: dict[str, Any] = {
+        f: len(x.rows) for f in ("x_p", "x_u") if isinstance(x := getattr(data, f), RankRows)}
     mine = (ray.get_runtime_context().get_node_id(),
-            {f: len(x.rows) for f in ("x_p", "x_u") if isinstance(x := getattr(data, f), RankRows)})
+            {**read_rows, "on_disk": on_disk, "memory": process_memory()})
     ranks = [mine]
     if world > 1:
         ranks = [None] * world
@@ -132,6 +147,21 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {"model": state_to_numpy(kept.state_dict()), "history": history,
             "nodes": [n for n, _ in ranks], "rank_rows": [r for _, r in ranks]}
+
+
+# train.share_storage=auto: a field's share goes to disk above this part of the memory the
+# node has available when the rank reads it (a rank holds two fields; a node may run ranks
+# and shard actors side by side).
+DISK_SHARE = 0.25
+
+
+def share_on_disk(mode: str, nbytes: int, available: int | None) -> bool:
+    """Whether a rank keeps a share of ``nbytes`` in a file-backed array: ``mode`` is
+    ``train.share_storage`` (memory, disk or auto: above :data:`DISK_SHARE` of ``available``
+    bytes; memory when that is not known)."""
+    if mode != "auto":
+        return mode == "disk"
+    return available is not None and nbytes > DISK_SHARE * available
 
 
 def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...],
