@@ -74,20 +74,6 @@ def apply_temperature(proba: np.ndarray, t: float, out: np.ndarray | None = None
     return out
 
 
-def ece_at_temperature(proba: np.ndarray, y: np.ndarray, t: float,
-                       floor: float = FLOOR) -> float:
-    """:func:`raysl.metrics.expected_calibration_error` of ``apply_temperature(proba, t)``
-    against ``y`` (n,), without holding the scaled (n, C) array (row blocks)."""
-    from raysl.metrics import ece_from
-
-    conf = np.empty(len(proba))
-    pred = np.empty(len(proba), np.int64)
-    for a in range(0, len(proba), _CHUNK):
-        p = apply_temperature(proba[a : a + _CHUNK], t, floor=floor)
-        conf[a : a + _CHUNK], pred[a : a + _CHUNK] = p.max(1), p.argmax(1)
-    return ece_from(conf, pred, y)
-
-
 _CHUNK = 65536  # rows at a time: a pool of millions needs a few MB of temporaries, not GBs
 
 
