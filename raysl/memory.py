@@ -65,6 +65,11 @@ def disk_array(shape: tuple[int, ...], directory: str | None = None) -> np.ndarr
     finally:
         os.close(fd)
         os.unlink(path)
+    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        # Rows are drawn at random. With the kernel's default read-ahead, a share twice its
+        # cgroup's memory limit served 229 rows/s (each miss read ~128 KB around one 3 KB
+        # row); without it, 14,219 (scratch check, 96-row draws).
+        buf.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(buf, np.float32, count).reshape(shape)
 
 
