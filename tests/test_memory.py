@@ -82,3 +82,28 @@ def test_where_a_rank_keeps_its_share() -> None:
     assert not share_on_disk("auto", int(DISK_SHARE * 8 * gb), 8 * gb)
     assert share_on_disk("auto", int(DISK_SHARE * 8 * gb) + 1, 8 * gb)
     assert not share_on_disk("auto", 100 * gb, None)  # not known (no /proc): the heap
+
+
+def test_a_disk_array_without_room_is_a_clear_error_not_a_crash(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Space is reserved before any row is written: a full disk is an ENOSPC naming the
+    directory (a sparse file would instead kill the process with SIGBUS on a write)."""
+    import errno
+
+    d = str(tmp_path)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=rf"0.01 GB of rows do not fit in {d} \(") as e:
+        disk_array((10, 1 << 18), d)
+    assert e.value.errno == errno.ENOSPC and os.listdir(d) == []
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)  # sized only: still an array
+    a = disk_array((10, 4), d)
+    a[3] = 7.0
+    assert a.sum() == 28.0 and os.listdir(d) == []

@@ -10,6 +10,7 @@ path and name resumes from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import signal
@@ -107,8 +108,15 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                      "(train.share_storage=%s)", rank, len(share), field, nbytes / 2**30,
                      cfg.share_storage)
         shard = ray.train.get_dataset_shard(f"{field}-{rank}")
-        return rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
-                                 len(share), row_shape, on_disk=disk)
+        try:
+            return rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
+                                     len(share), row_shape, on_disk=disk)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise OSError(errno.ENOSPC, f"train.share_storage={cfg.share_storage}: rank {rank}'s "
+                          f"rows of {field} on disk: {e.strerror}; point TMPDIR (of the Ray "
+                          "workers) at a larger disk, or set train.share_storage=memory") from None
 
     data = data.for_rank(rank, world, read)
     device = ray.train.torch.get_device()
