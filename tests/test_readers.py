@@ -224,6 +224,10 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
         assert remote.standardizer is not None and mem.standardizer is not None
         np.testing.assert_array_equal(remote.standardizer.scale, mem.standardizer.scale)
     np.testing.assert_array_equal(materialize(remote.x_test), mem.x_test)
+    if which == "images":  # the store holds the pixels as read, made float where they're used
+        import ray
+
+        assert ray.get(remote.x_u.parts[0][0])["x"].dtype == np.uint8
     for a, b in zip(shard(remote.x_u, 2), shard(mem.x_u, 2), strict=True):
         np.testing.assert_array_equal(materialize(a), b)
     keep = np.arange(len(mem.x_u)) % 3 != 1  # a selection's mask
@@ -241,6 +245,26 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
                 np.testing.assert_array_equal(got, want[share])
     with pytest.raises(RuntimeError, match="read 0 of 3 rows"):  # a short read is an error
         rows_from_batches(iter([]), 3, remote.x_u.row_shape)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_parts_are_made_float_where_they_are_read_as_the_reader_makes_them(
+        dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts keep the reader's rows (uint8 pixels: a quarter of the store's bytes); assemble
+    makes them float32 in blocks of rows, as the in-memory reader does (grey (h, w) images
+    get their channel axis), whatever the keys' order or the rows kept."""
+    import raysl.distributed.pool as pool
+
+    monkeypatch.setattr(pool, "_FLOAT_ROWS", 3)  # several blocks, a ragged last one
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, (20, 4, 5)) if dtype == np.uint8
+         else rng.random((20, 4, 5))).astype(dtype)
+    keys = rng.permutation(20)
+    parts = [{"key": keys[:7], "x": x[:7]}, {"key": keys[7:], "x": x[7:]}]
+    want = pool._as_float(x)[np.argsort(keys)]  # (20, 1, 4, 5) in key order
+    np.testing.assert_array_equal(pool.assemble(parts, (1, 4, 5)), want)
+    keep = np.array([0, 5, 6, 19])
+    np.testing.assert_array_equal(pool.assemble(parts, (1, 4, 5), keep), want[keep])
 
 
 @needs_ray

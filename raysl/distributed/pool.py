@@ -19,8 +19,9 @@ actor (its own shard) or an evaluation task (a part of the test set); a Ray Trai
 its share of the kept and unlabeled rows as a Ray Dataset
 (:meth:`RemoteRows.rank_datasets`, through ``TorchTrainer(datasets=...)`` and
 ``get_dataset_shard``); never by the driver. The driver
-keeps O(n) labels, ids and, later, the backend's probabilities: 16 bytes + 4 per class a row
-(float32), against 3,136 for a 28x28 image.
+keeps O(n) labels, ids and, later, each row's pseudo-label and confidence: about 48 bytes a
+row, against 784 for a 28x28 image as stored (uint8 pixels stay uint8 in the parts and are
+made float32, 3,136 bytes, where they are used).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
              transform: Standardizer | None = None) -> np.ndarray:
     """Parts ``{"key": (k,), "x": (k, ...)}`` -> their rows ``(n, ...)`` float32 in key
     order; ``keep``: only the rows whose key is in it (sorted keys); ``transform``: applied
-    last. Pure numpy: what :meth:`RemoteRows.fetch` does with the parts it gets. Each row is
-    copied once into the result (parts read from the object store are not copied first)."""
+    last. Pure numpy: what :meth:`RemoteRows.fetch` does with the parts it gets. A part's
+    ``x`` is the reader's (e.g. uint8 pixels), made float here as the in-memory reader makes
+    it (:func:`_as_float`). Each row is copied once into the result (parts read from the
+    object store are not copied first)."""
     parts = [p for p in parts if len(p["key"])]
     keys = np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64)
     if keep is None:
@@ -84,7 +87,7 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
         d = dest[start : start + len(p["key"])]
         start += len(p["key"])
         m = d >= 0
-        out[d[m]] = p["x"][m] if not m.all() else p["x"]
+        _put_rows(out, d[m], p["x"][m] if not m.all() else p["x"])
     if transform is not None:  # in chunks: no second whole-size temporary
         for a in range(0, n, _CHUNK):
             out[a : a + _CHUNK] = transform(out[a : a + _CHUNK])
@@ -92,6 +95,17 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
 
 
 _CHUNK = 65536  # rows transformed at a time
+# rows made float at a time: uint8 / 255 goes through float64 (8 bytes a value), so a whole
+# part at once would be a transient 8x its stored size
+_FLOAT_ROWS = 8192
+
+
+def _put_rows(out: np.ndarray, at: np.ndarray, x: np.ndarray) -> None:
+    """``out[at] = _as_float(x)``: rows ``x`` (k, ...) as stored, made float32 (and given
+    ``out``'s row shape: a grey image's channel axis) a block of rows at a time."""
+    for a in range(0, len(x), _FLOAT_ROWS):
+        out[at[a : a + _FLOAT_ROWS]] = _as_float(x[a : a + _FLOAT_ROWS]).reshape(
+            -1, *out.shape[1:])
 # concurrent read tasks of a rank's dataset (RemoteRows.rank_datasets): they hold no CPU, so
 # this bounds them instead (without it, Ray started tens of idle worker processes)
 _READ_TASKS = 2
@@ -151,7 +165,8 @@ class RemoteRows:
                 _part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
                 compute=ray.data.TaskPoolStrategy(size=max(1, min(_READ_TASKS, len(parts)))),
                 fn_kwargs={"parts": parts, "bounds": self.bounds, "keep": keep, "rank": rank,
-                           "world": world, "transform": self.transform}))
+                           "world": world, "transform": self.transform,
+                           "row_shape": self.row_shape}))
         return out
 
     def shards(self, n: int) -> list[RemoteRows]:
@@ -192,7 +207,8 @@ def _bound_keys(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
 
 def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
                bounds: tuple[tuple[int, int], ...], keep: ray.ObjectRef | None, rank: int,
-               world: int, transform: Standardizer | None) -> dict[str, np.ndarray]:
+               world: int, transform: Standardizer | None, row_shape: tuple[int, ...]
+               ) -> dict[str, np.ndarray]:
     """:meth:`RemoteRows.rank_datasets`' read: the rows of part ``batch["part"][0]`` in rank
     ``rank``'s share, as ``{"i": their indices in the share, "x": the rows}``."""
     from raysl.objectives import rank_share
@@ -202,7 +218,8 @@ def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
     part = ray.get(parts[int(batch["part"][0])])
     at = np.minimum(np.searchsorted(want, part["key"]), max(len(want) - 1, 0))
     hit = (want[at] == part["key"]) if len(want) else np.zeros(len(part["key"]), bool)
-    x = np.asarray(part["x"][hit], np.float32)
+    x = np.empty((int(hit.sum()), *row_shape), np.float32)
+    _put_rows(x, np.arange(len(x)), part["x"][hit])
     if transform is not None:
         x = np.asarray(transform(x), np.float32)
     return {"i": at[hit], "x": x}
@@ -285,7 +302,11 @@ def _route(table: pa.Table, plan: tuple[np.ndarray, np.ndarray, np.ndarray], n_o
     ids = table.column("id").to_numpy()
     at = np.searchsorted(ids_sorted, ids)
     d, k = dest[at], key[at]
-    x = _as_float(tensor_to_numpy(table.column("x")))
+    # uint8 pixels stay uint8 (a quarter of float32's bytes in the store) and are made float
+    # where the rows are used (assemble, _part_rows); wider types are made float32 here
+    x = tensor_to_numpy(table.column("x"))
+    if x.dtype != np.uint8:
+        x = _as_float(x)
     return [{"key": k[d == o], "x": x[d == o]} for o in range(n_out)]
 
 
