@@ -109,6 +109,10 @@ class BackendConfig:
     # the one with the best validation accuracy
     name: str = "auto"
     actor_cpus: float = 0.5  # fractional, so actors fit beside each other on small machines
+    # Where a shard actor keeps its shard of the pool read from the object store: memory,
+    # disk (a file-backed array, as train.share_storage) or auto (disk above a quarter of the
+    # node's available memory). Where, never what: the same rows, the same fit.
+    shard_storage: str = "auto"
     # temperature-scale the probabilities on the validation split (argmax labels unchanged);
     # T is bounded to [0.5, 10] and a degenerate fit keeps T = 1 (raysl.calibration.calibrate)
     calibrate: bool = True
@@ -266,6 +270,7 @@ LIMITS: dict[str, tuple[Any, ...]] = {
     "train.init": ("torch", "he"),
     "train.checkpoint_every": (1, None),
     "train.share_storage": ("auto", "memory", "disk"),
+    "backend.shard_storage": ("auto", "memory", "disk"),
     "ray.num_cpus": (0, None),
 }
 

@@ -52,13 +52,30 @@ def trim() -> bool:
     return bool(fn(0)) if fn is not None else False
 
 
-def disk_array(shape: tuple[int, ...], directory: str | None = None) -> np.ndarray:
+# storage "auto": rows go to disk above this part of the memory the node has available when
+# they are read (a Train rank holds two fields; a node may run ranks and actors side by side)
+DISK_SHARE = 0.25
+
+
+def keep_on_disk(mode: str, nbytes: int, available: int | None) -> bool:
+    """Whether a worker keeps ``nbytes`` of rows in a :func:`disk_array`: ``mode`` is
+    ``train.share_storage`` or ``backend.shard_storage`` (memory, disk or auto: above
+    :data:`DISK_SHARE` of ``available`` bytes; memory when that is not known)."""
+    if mode != "auto":
+        return mode == "disk"
+    return available is not None and nbytes > DISK_SHARE * available
+
+
+def disk_array(shape: tuple[int, ...], directory: str | None = None,
+               random_access: bool = True) -> np.ndarray:
     """A zero-filled float32 array of ``shape`` backed by a file in ``directory`` (default:
     the system's temp directory, ``TMPDIR``) instead of the heap. The file is unlinked as soon
     as it is mapped, so its space is freed with the last reference to the array (or the
     process), and nothing is left behind, even after a crash. The disk space is reserved
     first: too little is an ``OSError`` (ENOSPC) naming the directory, not a SIGBUS when a
-    row is written."""
+    row is written. ``random_access``: read-ahead off (rows drawn at random, as a Train rank
+    draws them); else the kernel's default (rows read in order, as a shard actor projects
+    them)."""
     count = math.prod(shape)
     if count == 0:
         return np.zeros(shape, np.float32)
@@ -69,7 +86,7 @@ def disk_array(shape: tuple[int, ...], directory: str | None = None) -> np.ndarr
     finally:
         os.close(fd)
         os.unlink(path)
-    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+    if random_access and hasattr(buf, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         # Rows are drawn at random. With the kernel's default read-ahead, a share twice its
         # cgroup's memory limit served 229 rows/s (each miss read ~128 KB around one 3 KB
         # row); without it, about 13,500 (scratch check, 96-row draws).
@@ -122,4 +139,5 @@ def _proc_fields(path: Path) -> dict[str, int]:
     return out
 
 
-__all__ = ["available_memory", "disk_array", "process_memory", "trim"]
+__all__ = ["DISK_SHARE", "available_memory", "disk_array", "keep_on_disk", "process_memory",
+           "trim"]

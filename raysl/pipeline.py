@@ -384,6 +384,8 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     labeled class prior (``select.align``), from the shard workers, where the probabilities
     (n_u, C) stay (:meth:`~raysl.backends.base.ShardWorker.label`); every backend also predicts
     the labeled validation rows, an honest estimate of its accuracy and calibration.
+    ``"actors"`` (a fresh fit on Ray actors): each actor's rows, whether it kept them on disk
+    (``backend.shard_storage``) and its memory.
 
     ``backend.name=auto`` fits each of :data:`AUTO_BACKENDS` and returns the one with the best
     validation accuracy, with every candidate's record under ``"ranked"`` (best first)."""
@@ -449,6 +451,8 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             rows, ece_raw = pool_labels(ex, LabelCall(
                 res.state, 1.0 if cal is None else cal.temperature,
                 calibration_floor(b.name), key), split, cfg.data.n_shards)
+            # each Ray actor's rows, where it kept them and its memory (with its rows held)
+            actors = ex.memory() if hasattr(ex, "memory") else []
         logger.info("[pseudo-label] %s: %d round(s) in %.1fs on %d node(s)", b.name,
                     res.rounds, res.seconds, nodes)
         write_npz(path, **rows, val_proba=val_proba, seconds=res.seconds,
@@ -456,7 +460,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                   nodes=nodes, temperature=temperature, ece_uncalibrated=ece_raw)
         info = {"seconds": res.seconds, "rounds": res.rounds, "objective": res.objective,
                 "nodes": nodes, "temperature": temperature, "ece_uncalibrated": ece_raw,
-                "cached": False}
+                "cached": False, "actors": actors}
         del res, labeler
         trim()  # the fit's transient per-row arrays (raysl.memory)
     return {"backend": b.name, **rows, "val_proba": val_proba, "key": key,
@@ -629,7 +633,8 @@ def choose_pseudo_labels(split: Split, cfg: Config, pl: dict[str, Any],
         sel, m = selection(split, cfg, rec)
         m.update(val_accuracy=rec["val_accuracy"], val_ece=rec["val_ece"],
                  fit_seconds=rec["seconds"], rounds=rec["rounds"], nodes=rec["nodes"],
-                 cached=rec["cached"], **_calibration_metrics(split, rec))
+                 cached=rec["cached"], actors=rec.get("actors", []),
+                 **_calibration_metrics(split, rec))
         first = first or (sel, m)
         reason = guard_reason(cfg, baseline_val_accuracy, m) if cfg.select.guard else None
         if reason is None:

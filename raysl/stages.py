@@ -21,7 +21,7 @@ from raysl.config import Config, get, valid_keys
 # Where and how fast, never what: excluded from every stage.
 RESOURCE_KEYS: tuple[str, ...] = (
     "train.cpus_per_worker", "train.use_gpu", "train.checkpoint_every",
-    "train.share_storage",
+    "train.share_storage", "backend.shard_storage",
     "backend.actor_cpus", "data.root", "data.download", "ray.",
 )
 

@@ -58,9 +58,9 @@ def main(out: str) -> None:
             "train.epochs": 2, "train.min_steps": 0, "train.num_workers": 2,
             "train.cpus_per_worker": 1,
             "backend.actor_cpus": 1, "data.n_shards": 2, "backend.gmm.max_iter": 5,
-            # the ranks keep their shares in file-backed arrays, as a pool too large for
-            # their memory would (on this small data `auto` keeps them on the heap)
-            "train.share_storage": "disk"})
+            # the ranks and shard actors keep their rows in file-backed arrays, as a pool too
+            # large for their memory would (on this small data `auto` keeps them on the heap)
+            "train.share_storage": "disk", "backend.shard_storage": "disk"})
         metrics = pipeline.run(cfg, out)
         metrics["cluster_nodes"] = len([n for n in ray.nodes() if n["Alive"]])
         print(json.dumps(metrics))

@@ -72,16 +72,17 @@ def test_available_memory_is_what_the_kernel_reports() -> None:
     assert avail is not None and 0 < avail <= total
 
 
-def test_where_a_rank_keeps_its_share() -> None:
-    from raysl.distributed.trainer import DISK_SHARE, share_on_disk
+def test_where_a_worker_keeps_its_rows() -> None:
+    """train.share_storage and backend.shard_storage."""
+    from raysl.memory import DISK_SHARE, keep_on_disk
 
     gb = 1 << 30
-    assert not share_on_disk("memory", 100 * gb, 1 * gb)
-    assert share_on_disk("disk", 1, 100 * gb)
-    # auto: the heap unless the share is more than DISK_SHARE of what the node has available
-    assert not share_on_disk("auto", int(DISK_SHARE * 8 * gb), 8 * gb)
-    assert share_on_disk("auto", int(DISK_SHARE * 8 * gb) + 1, 8 * gb)
-    assert not share_on_disk("auto", 100 * gb, None)  # not known (no /proc): the heap
+    assert not keep_on_disk("memory", 100 * gb, 1 * gb)
+    assert keep_on_disk("disk", 1, 100 * gb)
+    # auto: the heap unless the rows are more than DISK_SHARE of what the node has available
+    assert not keep_on_disk("auto", int(DISK_SHARE * 8 * gb), 8 * gb)
+    assert keep_on_disk("auto", int(DISK_SHARE * 8 * gb) + 1, 8 * gb)
+    assert not keep_on_disk("auto", 100 * gb, None)  # not known (no /proc): the heap
 
 
 def test_a_disk_array_without_room_is_a_clear_error_not_a_crash(

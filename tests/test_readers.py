@@ -270,7 +270,8 @@ def test_parts_are_made_float_where_they_are_read_as_the_reader_makes_them(
 @needs_ray
 def test_a_gmm_fit_on_shards_in_the_object_store_equals_the_in_memory_fit(
         wine: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
-    """The shard actors fetch their own rows and fit the same GMM as on the collected split."""
+    """The shard actors fetch their own rows, here into file-backed arrays
+    (``backend.shard_storage=disk``), and fit the same GMM as on the collected split."""
     from raysl import pipeline
     from raysl.config import Config, apply_overrides
     from raysl.data import make_split
@@ -278,7 +279,8 @@ def test_a_gmm_fit_on_shards_in_the_object_store_equals_the_in_memory_fit(
 
     spec = str(wine[0] / "parts")
     cfg = apply_overrides(Config(), {"data.dataset": spec, "backend.name": "gmm",
-                                     "backend.gmm.max_iter": 5})
+                                     "backend.gmm.max_iter": 5,
+                                     "backend.shard_storage": "disk"})
     p = plan(cfg.data)
     assert p is not None
     splits = [pipeline.prepare(s, cfg) for s in (p.split(spec, cfg.data),
@@ -290,6 +292,10 @@ def test_a_gmm_fit_on_shards_in_the_object_store_equals_the_in_memory_fit(
     np.testing.assert_array_equal(fits[0]["labels"], fits[1]["labels"])
     np.testing.assert_allclose(fits[0]["conf"], fits[1]["conf"], rtol=0, atol=1e-6)
     assert fits[0]["rounds"] == fits[1]["rounds"]
+    actors = fits[0]["actors"]
+    assert [a["on_disk"] for a in actors] == [True, True], actors
+    assert sum(a["rows"] for a in actors) == len(splits[1].x_u)
+    assert fits[1]["actors"] == []  # in this process: no actors
 
 
 @needs_ray

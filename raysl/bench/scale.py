@@ -27,9 +27,10 @@ object store each) and runs the pipeline's stages as ``raysl run`` does, timed o
 Per stage: wall time, rows/s, the driver's peak RSS and Ray's object-store peak, both sampled
 every 50 ms in a thread (the object store's use is ``ray.cluster_resources()`` minus
 ``ray.available_resources()`` for ``object_store_memory``: Ray 2.60 counts the bytes held
-there); the whole process's peak RSS comes from ``getrusage``. Then each Ray Train rank's
-memory at the end of its loop (its share of the rows still held; ``train.share_storage``:
-on the heap, anonymous memory, or in a file-backed array, file pages the OS can drop). Last,
+there); the whole process's peak RSS comes from ``getrusage``. Then each shard actor's
+memory after labelling and each Ray Train rank's at the end of its loop, their rows still
+held (``backend.shard_storage``, ``train.share_storage``: on the heap, anonymous memory, or in
+a file-backed array, file pages the OS can drop). Last,
 the issue's targets as ratios of the largest N to the smallest: driver peak RSS ≤ 1.2×,
 pseudo-labelling rows/s ≥ 0.8×.
 
@@ -263,6 +264,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 pl = pipeline.pseudo_label(split, cfg, out, {}, use_ray=True)
                 sel, _ = pipeline.selection(split, cfg, pl)
                 rec.update(rounds=pl["rounds"], selected=int(sel.mask.sum()))
+                result["actors"] = pl.get("actors", [])
                 del pl  # as `raysl run` does: the labels are not held through the job
             with mon.stage(STAGES[2], n_u * cfg.train.epochs) as rec:
                 j = pipeline.joint(split, cfg, out, sel, verbose=False)
@@ -364,16 +366,17 @@ def table(results: list[dict[str, Any]]) -> str:
         store = max(s["store_peak"] or 0 for s in r["stages"])
         lines.append(f"| {n} | whole run (peak RSS: getrusage) | {total:.1f} | "
                      f"{r['rows'] / total:,.0f} | {_gb(r['peak_rss'])} | {_gb(store)} |")
-    lines += ["", "| rows | rank | its rows (kept / pool) | kept in | anonymous RSS GB | "
-              "file RSS GB | peak RSS GB |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| rows | worker | its rows | kept in | anonymous RSS GB | file RSS GB | "
+              "peak RSS GB |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        for k, rank in enumerate(r.get("ranks", [])):
-            mem = rank.get("memory", {})
-            lines.append(
-                f"| {r['rows']:,} | {k} | {rank.get('x_p', 0):,} / {rank.get('x_u', 0):,} | "
-                f"{'disk: ' + ', '.join(rank['on_disk']) if rank.get('on_disk') else 'memory'}"
-                f" | {_gb(mem.get('RssAnon'))} | {_gb(mem.get('RssFile'))} | "
-                f"{_gb(mem.get('VmHWM'))} |")
+        workers = [(f"shard actor {k}", f"{a['rows']:,}", "disk" if a["on_disk"] else "memory",
+                    a.get("memory", {})) for k, a in enumerate(r.get("actors", []))]
+        workers += [(f"Train rank {k}", f"{w.get('x_p', 0):,} kept / {w.get('x_u', 0):,} pool",
+                     "disk: " + ", ".join(w["on_disk"]) if w.get("on_disk") else "memory",
+                     w.get("memory", {})) for k, w in enumerate(r.get("ranks", []))]
+        lines += [f"| {r['rows']:,} | {name} | {rows} | {where} | {_gb(mem.get('RssAnon'))} | "
+                  f"{_gb(mem.get('RssFile'))} | {_gb(mem.get('VmHWM'))} |"
+                  for name, rows, where, mem in workers]
     lines += ["", "| target (largest N / smallest N) | measured | verdict |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {verdict} |" for name, value, verdict in targets(results)]
     return "\n".join(lines)
@@ -388,10 +391,13 @@ def targets(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     rss = large["peak_rss"] / small["peak_rss"]
     rate = _rate(_stage(large, STAGES[1])) / _rate(_stage(small, STAGES[1]))
     loop = _rate(_stage(large, STAGES[3])) / _rate(_stage(small, STAGES[3]))
-    anon = [max((k.get("memory", {}).get("RssAnon", 0) for k in r.get("ranks", [])), default=0)
-            for r in (small, large)]
-    ranks = ([(f"largest rank anonymous RSS at {which} (no target here)",
-               f"{anon[1] / anon[0]:.2f}", "-")] if all(anon) else [])
+    ranks = []
+    for what, key in (("shard actor", "actors"), ("Train rank", "ranks")):
+        anon = [max((w.get("memory", {}).get("RssAnon", 0) for w in r.get(key, [])), default=0)
+                for r in (small, large)]
+        if all(anon):
+            ranks.append((f"largest {what} anonymous RSS at {which} (no target here)",
+                          f"{anon[1] / anon[0]:.2f}", "-"))
     return [
         (f"driver peak RSS at {which} ≤ {RSS_TARGET}", f"{rss:.2f}",
          "PASS" if rss <= RSS_TARGET else "FAIL"),

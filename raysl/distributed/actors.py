@@ -23,16 +23,30 @@ from raysl.backends.base import (
     ShardLabels,
     ShardWorker,
 )
+from raysl.distributed.pool import RemoteRows
+from raysl.memory import available_memory, keep_on_disk, process_memory
 
 
 class _ShardActor(ShardWorker):
     def __init__(self, factory: BackendFactory, backend_cfg: Any, ctx: FitContext,
                  shard: Shard, labeled: tuple[np.ndarray, np.ndarray]) -> None:
+        self.on_disk = False
+        if isinstance(shard.x_u, RemoteRows):
+            # the shard's rows from the object store, kept on the heap or on disk
+            # (backend.shard_storage); the worker then holds an array either way
+            self.on_disk = keep_on_disk(backend_cfg.shard_storage, shard.x_u.nbytes,
+                                        available_memory())
+            shard = replace(shard, x_u=shard.x_u.fetch(on_disk=self.on_disk))
         super().__init__(factory, backend_cfg, ctx, replace(shard, x_l=labeled[0],
                                                             y_l=labeled[1]))
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def memory(self) -> dict[str, Any]:
+        """Where this actor keeps its shard and its memory now (raysl.memory)."""
+        return {"rows": len(self.shard.x_u), "on_disk": self.on_disk,
+                "memory": process_memory()}
 
 
 class RayExecutor:
@@ -80,6 +94,10 @@ class RayExecutor:
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
         ref = self._put(call)
         return ray.get([a.aligned.remote(ref, p_model, prior) for a in self.actors])
+
+    def memory(self) -> list[dict[str, Any]]:
+        """Each actor's :meth:`_ShardActor.memory`."""
+        return ray.get([a.memory.remote() for a in self.actors])
 
     def node_ids(self) -> list[str]:
         """The Ray node each shard's actor runs on."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -61,13 +62,14 @@ _DRIVER, _TEST, _POOL = 0, 1, 2  # destinations: the driver, the test set, shard
 
 def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
              keep: np.ndarray | None = None,
-             transform: Standardizer | None = None) -> np.ndarray:
+             transform: Standardizer | None = None, on_disk: bool = False) -> np.ndarray:
     """Parts ``{"key": (k,), "x": (k, ...)}`` -> their rows ``(n, ...)`` float32 in key
     order; ``keep``: only the rows whose key is in it (sorted keys); ``transform``: applied
     last. Pure numpy: what :meth:`RemoteRows.fetch` does with the parts it gets. A part's
     ``x`` is the reader's (e.g. uint8 pixels), made float here as the in-memory reader makes
     it (:func:`_as_float`). Each row is copied once into the result (parts read from the
-    object store are not copied first)."""
+    object store are not copied first); ``on_disk``: a file-backed result
+    (:func:`raysl.memory.disk_array`, rows read in order), not the heap."""
     parts = [p for p in parts if len(p["key"])]
     keys = np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64)
     if keep is None:
@@ -81,7 +83,8 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
             at = np.minimum(np.searchsorted(keep, keys), n - 1)
             hit = keep[at] == keys
             dest[hit] = at[hit]
-    out = np.empty((n, *row_shape), np.float32)
+    out = (disk_array((n, *row_shape), random_access=False) if on_disk
+           else np.empty((n, *row_shape), np.float32))
     start = 0
     for p in parts:
         d = dest[start : start + len(p["key"])]
@@ -179,10 +182,16 @@ class RemoteRows:
     def with_transform(self, transform: Standardizer) -> RemoteRows:
         return replace(self, transform=transform)
 
-    def fetch(self) -> np.ndarray:
-        """The rows as one array ``(n, *row_shape)``, read from the store (where it runs)."""
+    def fetch(self, on_disk: bool = False) -> np.ndarray:
+        """The rows as one array ``(n, *row_shape)``, read from the store (where it runs);
+        ``on_disk``: file-backed (:func:`assemble`)."""
         parts = ray.get([r for group in self.parts for r in group])
-        return assemble(parts, self.row_shape, self.keep, self.transform)
+        return assemble(parts, self.row_shape, self.keep, self.transform, on_disk)
+
+    @property
+    def nbytes(self) -> int:
+        """The rows' size as float32 (what :meth:`fetch` returns)."""
+        return 4 * len(self) * math.prod(self.row_shape)
 
     def moments(self) -> list[Moments]:
         """Each shard's :class:`~raysl.preprocess.Moments`, computed by a task per shard: what

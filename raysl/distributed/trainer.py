@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
 from raysl.distributed.pool import RemoteRows, rows_from_batches
-from raysl.memory import available_memory, process_memory
+from raysl.memory import available_memory, keep_on_disk, process_memory
 from raysl.train import (
     RankRows,
     Snapshot,
@@ -101,7 +101,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         # _rank_datasets), read here through Ray Train; the other ranks' rows never come here
         row_shape = getattr(data, field).row_shape
         nbytes = 4 * len(share) * math.prod(row_shape)
-        disk = share_on_disk(cfg.share_storage, nbytes, available_memory())
+        disk = keep_on_disk(cfg.share_storage, nbytes, available_memory())
         if disk:
             on_disk.append(field)
             log.info("[train] rank %d keeps its %d rows of %s (%.2f GB) in a file-backed array "
@@ -155,21 +155,6 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {"model": state_to_numpy(kept.state_dict()), "history": history,
             "nodes": [n for n, _ in ranks], "rank_rows": [r for _, r in ranks]}
-
-
-# train.share_storage=auto: a field's share goes to disk above this part of the memory the
-# node has available when the rank reads it (a rank holds two fields; a node may run ranks
-# and shard actors side by side).
-DISK_SHARE = 0.25
-
-
-def share_on_disk(mode: str, nbytes: int, available: int | None) -> bool:
-    """Whether a rank keeps a share of ``nbytes`` in a file-backed array: ``mode`` is
-    ``train.share_storage`` (memory, disk or auto: above :data:`DISK_SHARE` of ``available``
-    bytes; memory when that is not known)."""
-    if mode != "auto":
-        return mode == "disk"
-    return available is not None and nbytes > DISK_SHARE * available
 
 
 def train_classifier(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...],
