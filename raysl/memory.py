@@ -10,9 +10,10 @@ then on freed arrays stay in the process as free heap: measured on ``raysl bench
 pseudo-label step 38 MB more. :func:`trim` asks glibc to release it (``malloc_trim(0)``, what
 Dask's workers do through ``MALLOC_TRIM_THRESHOLD_``); elsewhere it does nothing.
 
-:func:`disk_array` is where a Ray Train rank keeps a share of rows too large for its memory
-(``train.share_storage``): a file mapping whose pages the OS writes back and evicts under
-pressure, where heap pages could only be swapped (or the process killed).
+:func:`disk_array` is where a shard actor or a Ray Train rank keeps rows too large for its
+memory (``backend.shard_storage``, ``train.share_storage``; :func:`keep_on_disk` decides): a
+file mapping whose pages the OS writes back and evicts under pressure, where heap pages could
+only be swapped (or the process killed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import logging
 import math
 import mmap
 import os
@@ -30,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger("raysl")
 
 
 @functools.cache
@@ -57,13 +61,16 @@ def trim() -> bool:
 DISK_SHARE = 0.25
 
 
-def keep_on_disk(mode: str, nbytes: int, available: int | None) -> bool:
-    """Whether a worker keeps ``nbytes`` of rows in a :func:`disk_array`: ``mode`` is
+def keep_on_disk(mode: str, shape: tuple[int, ...],
+                 available: Callable[[], int | None] | None = None) -> bool:
+    """Whether a worker keeps float32 rows of ``shape`` in a :func:`disk_array`: ``mode`` is
     ``train.share_storage`` or ``backend.shard_storage`` (memory, disk or auto: above
-    :data:`DISK_SHARE` of ``available`` bytes; memory when that is not known)."""
+    :data:`DISK_SHARE` of the bytes ``available()`` says the node has, default
+    :func:`available_memory`; memory when that is not known)."""
     if mode != "auto":
         return mode == "disk"
-    return available is not None and nbytes > DISK_SHARE * available
+    free = (available or available_memory)()
+    return free is not None and 4 * math.prod(shape) > DISK_SHARE * free
 
 
 def disk_array(shape: tuple[int, ...], directory: str | None = None,
@@ -80,6 +87,8 @@ def disk_array(shape: tuple[int, ...], directory: str | None = None,
     if count == 0:
         return np.zeros(shape, np.float32)
     fd, path = tempfile.mkstemp(prefix="raysl-rows-", suffix=".f32", dir=directory)
+    logger.info("[rows] %d rows (%.2f GB) in a file-backed array in %s", shape[0],
+                count * 4 / 2**30, os.path.dirname(path))
     try:
         _reserve(fd, count * 4, os.path.dirname(path))
         buf = mmap.mmap(fd, count * 4)  # shared and writable: pages go back to the file
@@ -104,7 +113,9 @@ def _reserve(fd: int, nbytes: int, directory: str) -> None:
         if e.errno == errno.ENOSPC:
             free = shutil.disk_usage(directory).free
             raise OSError(errno.ENOSPC, f"{nbytes / 2**30:.2f} GB of rows do not fit in "
-                                        f"{directory} ({free / 2**30:.2f} GB free)") from None
+                          f"{directory} ({free / 2**30:.2f} GB free): point TMPDIR (of the Ray "
+                          "workers) at a larger disk, or keep the rows in memory "
+                          "(train.share_storage / backend.shard_storage=memory)") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
     os.ftruncate(fd, nbytes)

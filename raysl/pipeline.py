@@ -452,7 +452,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                 res.state, 1.0 if cal is None else cal.temperature,
                 calibration_floor(b.name), key), split, cfg.data.n_shards)
             # each Ray actor's rows, where it kept them and its memory (with its rows held)
-            actors = ex.memory() if hasattr(ex, "memory") else []
+            actors = ex.memory()
         logger.info("[pseudo-label] %s: %d round(s) in %.1fs on %d node(s)", b.name,
                     res.rounds, res.seconds, nodes)
         write_npz(path, **rows, val_proba=val_proba, seconds=res.seconds,

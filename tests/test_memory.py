@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -77,12 +78,19 @@ def test_where_a_worker_keeps_its_rows() -> None:
     from raysl.memory import DISK_SHARE, keep_on_disk
 
     gb = 1 << 30
-    assert not keep_on_disk("memory", 100 * gb, 1 * gb)
-    assert keep_on_disk("disk", 1, 100 * gb)
+
+    def node(n: int | None) -> Callable[[], int | None]:
+        return lambda: n
+
+    def rows(nbytes: int) -> tuple[int, ...]:  # float32 rows of nbytes (a multiple of 4)
+        return (nbytes // 4,)
+
+    assert not keep_on_disk("memory", rows(100 * gb), node(1 * gb))
+    assert keep_on_disk("disk", rows(4), node(100 * gb))
     # auto: the heap unless the rows are more than DISK_SHARE of what the node has available
-    assert not keep_on_disk("auto", int(DISK_SHARE * 8 * gb), 8 * gb)
-    assert keep_on_disk("auto", int(DISK_SHARE * 8 * gb) + 1, 8 * gb)
-    assert not keep_on_disk("auto", 100 * gb, None)  # not known (no /proc): the heap
+    assert not keep_on_disk("auto", rows(int(DISK_SHARE * 8 * gb)), node(8 * gb))
+    assert keep_on_disk("auto", rows(int(DISK_SHARE * 8 * gb) + 4), node(8 * gb))
+    assert not keep_on_disk("auto", rows(100 * gb), node(None))  # not known (no /proc): heap
 
 
 def test_a_disk_array_without_room_is_a_clear_error_not_a_crash(

@@ -167,6 +167,10 @@ class Executor(Protocol):
     def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
                 ) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
+    def memory(self) -> list[dict[str, Any]]:
+        """Per worker process: its rows, whether it keeps them on disk, its memory."""
+        ...
+
 
 class LocalExecutor:
     """Runs the shard workers one after another in this process."""
@@ -186,6 +190,9 @@ class LocalExecutor:
     def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
         return [w.aligned(call, p_model, prior) for w in self.workers]
+
+    def memory(self) -> list[dict[str, Any]]:
+        return []  # no worker processes: the rows are this process's
 
 
 @dataclass

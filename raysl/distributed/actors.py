@@ -24,7 +24,7 @@ from raysl.backends.base import (
     ShardWorker,
 )
 from raysl.distributed.pool import RemoteRows
-from raysl.memory import available_memory, keep_on_disk, process_memory
+from raysl.memory import keep_on_disk, process_memory
 
 
 class _ShardActor(ShardWorker):
@@ -34,8 +34,8 @@ class _ShardActor(ShardWorker):
         if isinstance(shard.x_u, RemoteRows):
             # the shard's rows from the object store, kept on the heap or on disk
             # (backend.shard_storage); the worker then holds an array either way
-            self.on_disk = keep_on_disk(backend_cfg.shard_storage, shard.x_u.nbytes,
-                                        available_memory())
+            self.on_disk = keep_on_disk(backend_cfg.shard_storage,
+                                        (len(shard.x_u), *shard.x_u.row_shape))
             shard = replace(shard, x_u=shard.x_u.fetch(on_disk=self.on_disk))
         super().__init__(factory, backend_cfg, ctx, replace(shard, x_l=labeled[0],
                                                             y_l=labeled[1]))

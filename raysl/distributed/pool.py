@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -187,11 +186,6 @@ class RemoteRows:
         ``on_disk``: file-backed (:func:`assemble`)."""
         parts = ray.get([r for group in self.parts for r in group])
         return assemble(parts, self.row_shape, self.keep, self.transform, on_disk)
-
-    @property
-    def nbytes(self) -> int:
-        """The rows' size as float32 (what :meth:`fetch` returns)."""
-        return 4 * len(self) * math.prod(self.row_shape)
 
     def moments(self) -> list[Moments]:
         """Each shard's :class:`~raysl.preprocess.Moments`, computed by a task per shard: what

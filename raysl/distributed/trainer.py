@@ -10,9 +10,7 @@ path and name resumes from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import math
 import signal
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
 from raysl.distributed.pool import RemoteRows, rows_from_batches
-from raysl.memory import available_memory, keep_on_disk, process_memory
+from raysl.memory import keep_on_disk, process_memory
 from raysl.train import (
     RankRows,
     Snapshot,
@@ -100,23 +98,12 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         # this rank's rows of a field left in the object store: its own dataset (see
         # _rank_datasets), read here through Ray Train; the other ranks' rows never come here
         row_shape = getattr(data, field).row_shape
-        nbytes = 4 * len(share) * math.prod(row_shape)
-        disk = keep_on_disk(cfg.share_storage, nbytes, available_memory())
+        disk = keep_on_disk(cfg.share_storage, (len(share), *row_shape))
         if disk:
             on_disk.append(field)
-            log.info("[train] rank %d keeps its %d rows of %s (%.2f GB) in a file-backed array "
-                     "(train.share_storage=%s)", rank, len(share), field, nbytes / 2**30,
-                     cfg.share_storage)
         shard = ray.train.get_dataset_shard(f"{field}-{rank}")
-        try:
-            return rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
-                                     len(share), row_shape, on_disk=disk)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise OSError(errno.ENOSPC, f"train.share_storage={cfg.share_storage}: rank {rank}'s "
-                          f"rows of {field} on disk: {e.strerror}; point TMPDIR (of the Ray "
-                          "workers) at a larger disk, or set train.share_storage=memory") from None
+        return rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
+                                 len(share), row_shape, on_disk=disk)
 
     data = data.for_rank(rank, world, read)
     device = ray.train.torch.get_device()
