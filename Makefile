@@ -22,9 +22,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/raysl run $(ARGS)
 
+# --durations: the slowest tests in every log, to keep the suite under its 15 minutes
 test: $(STAMP)
 	$(BIN)/ruff check raysl tests jobs
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 # unit tests only (no Ray session): a couple of minutes, for iterating
 test-fast: $(STAMP)
