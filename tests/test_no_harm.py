@@ -56,6 +56,30 @@ def test_moments_merge_exactly_whatever_the_sharding() -> None:
     assert (empty + Moments.of(x)).n == 1000
 
 
+def test_moments_are_taken_in_blocks_of_rows_and_equal_one_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moments.of reads its rows a block at a time (a float64 copy of a block, not of all the
+    rows): the same bits as merging the blocks' moments in order, what the rows held in Ray's
+    object store give (RemoteRows.blocks), and one pass's figures up to rounding."""
+    import raysl.preprocess as pre
+
+    x = np.random.default_rng(2).standard_normal((23, 3, 2)).astype(np.float32) * 50 + 1e3
+    one = Moments.of(x)  # 23 rows: one block
+    flat = x.reshape(23, -1).astype(np.float64)
+    np.testing.assert_array_equal(one.mean, flat.mean(0))
+    np.testing.assert_array_equal(one.m2, ((flat - flat.mean(0)) ** 2).sum(0))
+    monkeypatch.setattr(pre, "MOMENT_ROWS", 5)
+    blocked = Moments.of(x)
+    merged = Moments.of_blocks(x[a : a + 5] for a in range(0, 23, 5))
+    assert blocked.n == merged.n == 23
+    np.testing.assert_array_equal(blocked.mean, merged.mean)
+    np.testing.assert_array_equal(blocked.m2, merged.m2)
+    np.testing.assert_allclose(blocked.mean, one.mean, rtol=1e-12)
+    np.testing.assert_allclose(blocked.m2, one.m2, rtol=1e-9)
+    with pytest.raises(ValueError, match="no rows"):
+        Moments.of_blocks(iter([]))
+
+
 def test_one_shard_and_many_give_the_same_transform() -> None:
     one, _ = _split(n_shards=1)
     many, _ = _split(n_shards=5)

@@ -232,6 +232,21 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
         np.testing.assert_array_equal(materialize(a), b)
     keep = np.arange(len(mem.x_u)) % 3 != 1  # a selection's mask
     np.testing.assert_array_equal(materialize(remote.x_u[keep]), mem.x_u[keep])
+    # what the moments and prediction tasks read: the same rows, a block at a time, and the
+    # same moments' bits as the in-memory rows taken in blocks of that size
+    import raysl.preprocess as pre
+    from raysl.preprocess import Moments
+
+    for rows, want in ((remote.x_test, mem.x_test), (remote.x_u[keep], mem.x_u[keep])):
+        got = list(rows.blocks(7))
+        assert [len(b) for b in got[:-1]] == [7] * (len(got) - 1) and 0 < len(got[-1]) <= 7
+        np.testing.assert_array_equal(np.concatenate(got), want)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pre, "MOMENT_ROWS", 7)
+        for a, b in zip(shard(remote.x_u, 2), shard(mem.x_u, 2), strict=True):
+            m_remote, m_mem = Moments.of_blocks(a.blocks(7)), Moments.of(b)
+            np.testing.assert_array_equal(m_remote.mean, m_mem.mean)
+            np.testing.assert_array_equal(m_remote.m2, m_mem.m2)
     # what a Ray Train rank reads of them: its share, through a Ray Dataset
     from raysl.distributed.pool import rows_from_batches
     from raysl.objectives import rank_share
