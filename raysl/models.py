@@ -112,3 +112,15 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, hidden: int = 256,
     if isinstance(model, SmallCNN):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+class Standardize(nn.Module):
+    """The saved transform as the model's first layer: (n, d) raw -> (n, d) standardized."""
+
+    def __init__(self, mean: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("scale", scale.float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.scale

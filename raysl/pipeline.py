@@ -64,8 +64,8 @@ from raysl.metrics import (
     expected_calibration_error,
     pseudo_label_metrics,
 )
-from raysl.models import build_model
-from raysl.preprocess import Standardize, standardize_split
+from raysl.models import Standardize, build_model
+from raysl.preprocess import standardize_split
 from raysl.select import Selection, class_prior, select_labels, total_variation
 from raysl.stages import cache_key, config_part
 from raysl.text import SentenceEncoder

@@ -6,8 +6,10 @@ GMM's PCA dominated by the largest column. The statistics come from the training
 rows plus the unlabeled shards), merged from per-shard moments with Chan et al.'s pairwise
 update, so any shard count gives the same transform up to rounding. Images keep [0, 1].
 
-The transform travels with the model (:class:`Standardize`, a module with buffers), so a
-saved ``model.pt`` predicts on raw inputs.
+The transform travels with the model (:class:`raysl.models.Standardize`, a module with
+buffers), so a saved ``model.pt`` predicts on raw inputs. This module imports no torch: the
+tasks that read a user's rows (:mod:`raysl.distributed.pool`) import it, and each Ray worker
+would pay torch's import (about 1.2 s) for nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 if TYPE_CHECKING:  # raysl.data imports this module
+    from torch import Tensor
+
     from raysl.data import Split
 
 # Columns whose std is below this (relative to 1) are constant: scaled by 1, only centered.
@@ -101,20 +103,10 @@ class Standardizer:
         return ((np.asarray(x, np.float32) - self.mean) / self.scale).astype(np.float32)
 
     def state(self) -> dict[str, Tensor]:
+        import torch
+
         return {"mean": torch.from_numpy(self.mean.copy()),
                 "scale": torch.from_numpy(self.scale.copy())}
-
-
-class Standardize(nn.Module):
-    """The saved transform as the model's first layer: (n, d) raw -> (n, d) standardized."""
-
-    def __init__(self, mean: Tensor, scale: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.float().clone())
-        self.register_buffer("scale", scale.float().clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.scale
 
 
 def standardize_split(split: Split, n_shards: int) -> Split:
