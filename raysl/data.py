@@ -717,6 +717,14 @@ def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
+def rank_share(n: int, rank: int, world_size: int) -> np.ndarray:
+    """The positions among ``n`` rows that rank ``rank`` of ``world_size`` trains on, (n_r,):
+    every ``world_size``-th from ``rank``, fixed for the whole run, so a rank only ever needs
+    its own rows (Ray Train hands each rank just those, ``raysl.distributed.trainer``). With
+    fewer rows than ranks every rank shares them all."""
+    return np.arange(rank, n, world_size) if n >= world_size else np.arange(n)
+
+
 def shard(x: np.ndarray, n_shards: int) -> list[np.ndarray]:
     """Split rows of ``x`` (n, ...) into ``n_shards`` contiguous views; rows held in the object
     store (:class:`Remote`) come as the shards they were routed to."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from raysl import augment
 from raysl.config import TrainConfig
+from raysl.data import rank_share
 from raysl.losses import (
     align_distribution,
     apply_prior,
@@ -58,14 +59,6 @@ class Objective(Protocol):
 
 def rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
-
-
-def rank_share(n: int, rank: int, world_size: int) -> np.ndarray:
-    """The positions among ``n`` rows that rank ``rank`` of ``world_size`` trains on, (n_r,):
-    every ``world_size``-th from ``rank``, fixed for the whole run, so a rank only ever needs
-    its own rows (Ray Train hands each rank just those, ``raysl.distributed.trainer``). With
-    fewer rows than ranks every rank shares them all."""
-    return np.arange(rank, n, world_size) if n >= world_size else np.arange(n)
 
 
 def rank_rows(n: int, steps: int, cfg: TrainConfig, epoch: int, rank: int, world_size: int,

@@ -7,7 +7,7 @@ call it directly. Batches are drawn from per-(seed, epoch, rank) generators, so
 - the labeled stream does not depend on the pseudo-labeled one, so ``lambda_u = 0`` (or no
   kept pseudo-label) is exactly supervised training with the same budget;
 - each rank trains on a fixed share of the pseudo-labeled and unlabeled rows (every
-  world-size-th row, :func:`raysl.objectives.rank_share`), in a new order every epoch, so
+  world-size-th row, :func:`raysl.data.rank_share`), in a new order every epoch, so
   a Ray Train rank reads only its own rows (:meth:`TrainData.for_rank`).
 
 With ``cfg.fixmatch`` the step also draws ``mu × batch_size`` rows of the unlabeled pool
@@ -33,8 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from raysl.config import TrainConfig
+from raysl.data import rank_share
 from raysl.models import build_model
-from raysl.objectives import objectives, rank_share
+from raysl.objectives import objectives
 
 logger = logging.getLogger("raysl")
 
@@ -66,7 +67,7 @@ class TrainData:
                  read: Callable[[str, np.ndarray], np.ndarray]) -> TrainData:
         """This data as rank ``rank`` trains on it: the row fields left in Ray's object store
         (``x_p``, ``x_u`` of a split read by :func:`raysl.distributed.pool.distribute`) become
-        :class:`RankRows` of this rank's share (:func:`raysl.objectives.rank_share`), whose
+        :class:`RankRows` of this rank's share (:func:`raysl.data.rank_share`), whose
         rows ``read(field, positions)`` returns (Ray Train: the rank's dataset shard); arrays
         stay as they are."""
         from raysl.data import Remote

@@ -248,8 +248,8 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
             np.testing.assert_array_equal(m_remote.mean, m_mem.mean)
             np.testing.assert_array_equal(m_remote.m2, m_mem.m2)
     # what a Ray Train rank reads of them: its share, through a Ray Dataset
+    from raysl.data import rank_share
     from raysl.distributed.pool import rows_from_batches
-    from raysl.objectives import rank_share
 
     for rows, want in ((remote.x_u, mem.x_u), (remote.x_u[keep], mem.x_u[keep])):
         for r, ds in enumerate(rows.rank_datasets(2)):
@@ -514,3 +514,36 @@ def test_a_user_file_run_starts_one_ray_session(entry: str, wine: tuple[Path, pd
     assert (tmp_path / "out" / "pseudo_labels.parquet").is_file()
     if entry == "api":  # the whole pipeline ran
         assert (tmp_path / "out" / "model.pt").is_file()
+
+
+@needs_ray
+def test_a_wide_parquet_file_is_read_in_batches_of_bounded_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Parquet file is read a batch of about ``BLOCK_BYTES`` (as float32) at a time, at
+    least 1,024 rows, not pyarrow's 65,536 rows whatever their width; the batches hold the
+    file's rows in order and number them as one read would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import raysl.readers.datasource as dsrc
+    from raysl.readers.files import find
+    from raysl.readers.rows import ROW_ID
+
+    wide = pa.table({f"c{i}": np.arange(3000.0) + i for i in range(400)})  # 3,000 x 400
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    src = find(str(tmp_path / "wide.parquet"))
+    files = dsrc.NumberedFiles(list(src.files), src.fs, "parquet", wide.column_names)
+
+    def batches(block_bytes: int) -> list[pa.Table]:
+        monkeypatch.setattr(dsrc, "BLOCK_BYTES", block_bytes)
+        with src.fs.open_input_file(src.files[0]) as f:
+            return list(files._read_stream(f, src.files[0]))
+
+    assert [t.num_rows for t in batches(4 * 400 * 1500)] == [1500, 1500]  # 1,500 rows' bytes
+    assert [t.num_rows for t in batches(4 * 400 * 10)] == [1024, 1024, 952]  # the floor
+    assert [t.num_rows for t in batches(64 << 20)] == [3000]  # the default: 41,943 rows
+    got = batches(4 * 400 * 1500)
+    np.testing.assert_array_equal(np.concatenate([t.column(ROW_ID).to_numpy() for t in got]),
+                                  np.arange(3000))  # the first file: ids 0 * 2^32 + row
+    np.testing.assert_array_equal(
+        np.concatenate([t.column("c7").to_numpy() for t in got]), wide.column("c7").to_numpy())

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysl.config import TrainConfig
+from raysl.data import rank_share
 from raysl.losses import joint_loss
 from raysl.models import MLP, SmallCNN, build_model
-from raysl.objectives import rank_rows, rank_share
+from raysl.objectives import rank_rows
 from raysl.train import (
     RankRows,
     TrainData,

@@ -36,7 +36,7 @@ import numpy as np
 import ray
 
 from raysl.config import DataConfig
-from raysl.data import Dataset, Split, _fingerprint_params, encode_labels, shard_bounds
+from raysl.data import Dataset, Split, _fingerprint_params, encode_labels, rank_share, shard_bounds
 from raysl.data import split_indices as _split_indices
 from raysl.errors import DataError
 from raysl.memory import disk_array
@@ -150,7 +150,7 @@ class RemoteRows:
 
     def rank_datasets(self, world: int) -> list[ray.data.Dataset]:
         """For each rank of ``world``, its share of these rows
-        (:func:`raysl.objectives.rank_share`) as a Ray Dataset with columns ``i`` (the row's
+        (:func:`raysl.data.rank_share`) as a Ray Dataset with columns ``i`` (the row's
         index in the share) and ``x`` (float32 rows, transformed): one task per stored part,
         which reads the part where it lives and keeps the rank's rows. Lazy: nothing is read
         until a rank iterates its dataset. The driver adds no per-row array to them: the
@@ -239,8 +239,6 @@ def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
                ) -> dict[str, np.ndarray]:
     """:meth:`RemoteRows.rank_datasets`' read: the rows of part ``batch["part"][0]`` in rank
     ``rank``'s share, as ``{"i": their indices in the share, "x": the rows}``."""
-    from raysl.objectives import rank_share
-
     keys = np.asarray(ray.get(keep)) if keep is not None else _bound_keys(bounds)
     want = keys[rank_share(len(keys), rank, world)]
     part = ray.get(parts[int(batch["part"][0])])

@@ -198,7 +198,7 @@ def _trainer(data: TrainData, cfg: TrainConfig, input_shape: tuple[int, ...], n_
 def _rank_datasets(data: TrainData, world: int) -> dict[str, ray.data.Dataset]:
     """For each row field of ``data`` left in the object store (``x_p``, ``x_u``:
     :class:`~raysl.distributed.pool.RemoteRows`), one Ray Dataset per rank of ``world`` named
-    ``"<field>-<rank>"``: the rows of that rank's share (:func:`raysl.objectives.rank_share`),
+    ``"<field>-<rank>"``: the rows of that rank's share (:func:`raysl.data.rank_share`),
     read from the parts where they live by Ray Data tasks. The driver never holds them, and
     no rank holds another rank's rows."""
     out: dict[str, ray.data.Dataset] = {}

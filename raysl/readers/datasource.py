@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 
+BLOCK_BYTES = 64 << 20  # a Parquet read's batches, as float32 features
+
+
 class NumberedFiles(FileBasedDatasource):
     """CSV or Parquet files, each row with an int64 ``_raysl_row_id``: its file's rank in
     ``files`` (sorted) × 2^32 + its position in the file. Only ``columns`` are read; CSV columns
@@ -52,7 +55,11 @@ class NumberedFiles(FileBasedDatasource):
         import pyarrow.parquet as pq
 
         if self._fmt == "parquet":
-            for b in pq.ParquetFile(f).iter_batches(columns=self._columns):
+            # batches of about BLOCK_BYTES once made float32: pyarrow's 65,536-row default of a
+            # wide table (10,000 float64 columns: 5 GB) would be read whole into the task
+            # before Ray Data cuts its blocks (at 128 MB)
+            rows = max(1024, BLOCK_BYTES // (4 * len(self._columns)))
+            for b in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=self._columns):
                 yield pa.Table.from_batches([b])
             return
         convert = pacsv.ConvertOptions(include_columns=self._columns,

@@ -168,7 +168,7 @@ class TabularPlan:
         # One read task per file reads it whole anyway; without override_num_blocks Ray Data
         # splits each task's output into ~20 blocks to reach 200 and runs the map as a
         # separate task per block. With it the map is fused into the read: bench scale's
-        # 700,000 Parquet rows (10 files) read in 6.7 s instead of 17-23 s, in 20 blocks.
+        # 700,000 Parquet rows (10 files) read in 6.7 s instead of 17-23 s.
         ds = ray.data.read_datasource(source, override_num_blocks=len(self.src.files))
         return ds.map_batches(_to_rows, batch_format="pyarrow",
                               fn_kwargs={"features": list(self.features), "label": self.label})
