@@ -262,6 +262,29 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
         rows_from_batches(iter([]), 3, remote.x_u.row_shape)
 
 
+def test_a_blocks_digest_is_of_its_rows_in_id_order_whatever_their_order() -> None:
+    """The split's key hashes each block's rows in id order (a resumed run finds its caches):
+    shuffled, strided or empty blocks give what hashing the id-ordered bytes gives."""
+    import hashlib
+
+    from raysl.distributed.pool import block_digest
+
+    def reference(ids: np.ndarray, x: np.ndarray) -> str:
+        o = np.argsort(ids, kind="stable")
+        h = hashlib.sha256(np.ascontiguousarray(ids[o]).tobytes())
+        h.update(np.ascontiguousarray(x[o]).tobytes())
+        return h.hexdigest()
+
+    rng = np.random.default_rng(0)
+    ids = np.arange(40, dtype=np.int64) * 3 + (1 << 32)
+    x = rng.integers(0, 256, (40, 6, 5)).astype(np.uint8)
+    p = rng.permutation(40)
+    for i, rows in ((ids, x), (ids[p], x[p]), (ids, x[:, :, ::2]), (ids[:0], x[:0])):
+        assert block_digest(i, rows) == reference(i, rows)
+    assert block_digest(ids[p], x[p]) == block_digest(ids, x)
+    assert block_digest(ids, x[::-1]) != block_digest(ids, x)  # the rows are in it
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_parts_are_made_float_where_they_are_read_as_the_reader_makes_them(
         dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -309,17 +309,22 @@ def _survey(table: pa.Table, check: Callable[[pa.Table], None] | None) -> dict[s
         except DataError as e:
             out["error"] = str(e)
     out["shape"], out["dtype"] = tuple(x.shape[1:]), str(x.dtype)
-    # the digest of the rows in id order; a file's block is in order already, and hashing the
-    # arrays' buffers instead of tobytes() copies saves two copies of the block
+    out["digest"] = block_digest(ids, x)
+    flat = x.reshape(len(x), -1)
+    out["nonfinite"] = ids[~np.isfinite(flat).all(axis=1)] if x.dtype.kind == "f" else ids[:0]
+    return out
+
+
+def block_digest(ids: np.ndarray, x: np.ndarray) -> str:
+    """SHA-256 of a block's ids ``(n,)`` and rows ``(n, ...)`` in id order: the same for the
+    same rows in any order. A file's block is in order already (no reordered copy), and the
+    arrays' buffers are hashed where they are (no ``tobytes()`` copy)."""
     if not (ids[1:] >= ids[:-1]).all():
         order = np.argsort(ids, kind="stable")
         ids, x = ids[order], x[order]
     h = hashlib.sha256(_buffer(ids))
     h.update(_buffer(x))
-    out["digest"] = h.hexdigest()
-    flat = x.reshape(len(x), -1)
-    out["nonfinite"] = ids[~np.isfinite(flat).all(axis=1)] if x.dtype.kind == "f" else ids[:0]
-    return out
+    return h.hexdigest()
 
 
 def _buffer(a: np.ndarray) -> np.ndarray:
