@@ -39,8 +39,10 @@ def align_to_prior(proba: np.ndarray, prior: np.ndarray,
     from raysl.losses import align_distribution
 
     p = torch.from_numpy(np.asarray(proba, np.float64))
-    mean = p.mean(0) if p_model is None else torch.from_numpy(np.asarray(p_model, np.float64))
-    return align_distribution(p, mean, torch.from_numpy(np.asarray(prior, np.float64))).numpy()
+    # copies of the (C,) vectors: they may come read-only from Ray's object store, which
+    # torch.from_numpy warns about in every shard actor's log
+    mean = p.mean(0) if p_model is None else torch.tensor(p_model, dtype=torch.float64)
+    return align_distribution(p, mean, torch.tensor(prior, dtype=torch.float64)).numpy()
 
 
 def per_class_k(prior: np.ndarray, n_u: int, share: float) -> np.ndarray:

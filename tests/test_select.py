@@ -219,3 +219,22 @@ def test_shard_workers_label_the_pool_as_its_gathered_probabilities_would(n_shar
     np.testing.assert_array_equal(rows["labels_aligned"], aligned.argmax(1))
     np.testing.assert_allclose(rows["conf_aligned"], aligned.max(1), rtol=1e-6)
     assert ece_raw == pytest.approx(expected_calibration_error(res.proba, split.y_u), abs=1e-9)
+
+
+def test_alignment_takes_read_only_vectors_from_the_object_store_without_a_warning() -> None:
+    """A shard actor gets the pool's mean prediction and the prior read-only (Ray's object
+    store): the alignment is the same as with writable copies, and torch does not warn."""
+    import warnings
+
+    from raysl.select import align_to_prior
+
+    p = np.random.default_rng(0).dirichlet(np.ones(3), 6)
+    mean, prior = p.mean(0), np.array([0.2, 0.3, 0.5])
+    want = align_to_prior(p, prior.copy(), mean.copy())
+    mean.setflags(write=False)
+    prior.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = align_to_prior(p, prior, mean)
+    np.testing.assert_array_equal(got, want)
+    assert not np.allclose(got, p)  # the alignment moved the probabilities
