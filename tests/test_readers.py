@@ -570,3 +570,17 @@ def test_a_wide_parquet_file_is_read_in_batches_of_bounded_bytes(
                                   np.arange(3000))  # the first file: ids 0 * 2^32 + row
     np.testing.assert_array_equal(
         np.concatenate([t.column("c7").to_numpy() for t in got]), wide.column("c7").to_numpy())
+
+
+def test_read_tasks_one_per_file_but_small_files_grouped() -> None:
+    """How many Ray Data read tasks the tabular reader asks for (then fused with its map): one
+    per large file, small files grouped to 16 MB a task, never fewer than two per CPU while
+    there are files for them, never more than the files."""
+    from raysl.readers.tabular import READ_TASK_BYTES, read_tasks
+
+    assert read_tasks(10, 10 * 55e6, 2) == 10  # bench scale's 700,000 rows: a task per file
+    assert read_tasks(600, 600 * 10e3, 2) == 4  # 6 MB in 600 files: two tasks per CPU
+    assert read_tasks(600, 600 * 10e3, 64) == 128
+    assert read_tasks(10_000, 10_000 * 1e6, 2) == -(-int(10_000 * 1e6) // READ_TASK_BYTES)
+    assert read_tasks(3, None, 2) == 3  # size unknown: a task per file
+    assert read_tasks(1, 0, 8) == 1
