@@ -55,13 +55,15 @@ def test_targets_pass_and_fail_on_the_ratios() -> None:
     small, large = _result(1000, 1e9, 1.0), _result(10000, 1.1e9, 12.0)
     for r, anon in ((small, (2e8, 3e8)), (large, (5e8, 6e8))):
         r["ranks"] = [{"x_p": 10, "x_u": 20, "on_disk": ["x_p"],
+                       "read_seconds": {"x_p": 1.25, "x_u": 2.0},
                        "memory": {"RssAnon": a, "RssFile": 1e8, "VmHWM": 9e8}} for a in anon]
         r["actors"] = [{"rows": 15, "on_disk": False,
                         "memory": {"RssAnon": anon[0] / 2, "RssFile": 1e8, "VmHWM": 9e8}}]
     assert [t[1:] for t in scale.targets([small, large])[-2:]] == [("2.50", "-"), ("2.00", "-")]
     text = scale.table([small, large])
-    assert "| 10,000 | Train rank 1 | 10 kept / 20 pool | disk: x_p | 0.60 | 0.10 | 0.90 |" in text
-    assert "| 1,000 | shard actor 0 | 15 | memory | 0.10 | 0.10 | 0.90 |" in text, text
+    assert ("| 10,000 | Train rank 1 | 10 kept / 20 pool | disk: x_p | 3.2 | 0.60 | 0.10 | 0.90 |"
+            in text), text  # read s: both fields' reads
+    assert "| 1,000 | shard actor 0 | 15 | memory |  | 0.10 | 0.10 | 0.90 |" in text, text
 
 
 def test_bad_options_fail_before_any_work(tmp_path: Path) -> None:

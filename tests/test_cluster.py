@@ -315,6 +315,8 @@ def test_two_nodes_share_actors_and_train_workers(tmp_path: Path) -> None:
     assert [s["x_p"] for s in shares] == [(kept + 1) // 2, kept // 2], (shares, kept)
     assert [s["x_u"] for s in shares] == [(pool + 1) // 2, pool // 2], (shares, pool)
     assert all(s["on_disk"] == ["x_p", "x_u"] for s in shares), shares  # share_storage=disk
+    assert all(set(s["read_seconds"]) == {"x_p", "x_u"} and min(s["read_seconds"].values()) > 0
+               for s in shares), shares  # how long each read took, for bench scale
     actors = m["pseudo_labels"]["actors"]  # shard_storage=disk: each actor's shard on disk
     assert [a["on_disk"] for a in actors] == [True, True], actors
     assert sum(a["rows"] for a in actors) == pool, (actors, pool)

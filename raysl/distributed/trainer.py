@@ -93,17 +93,21 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     data: TrainData = ray.get(config["data"])
 
     on_disk: list[str] = []
+    read_seconds: dict[str, float] = {}
 
     def read(field: str, share: np.ndarray) -> np.ndarray:
         # this rank's rows of a field left in the object store: its own dataset (see
         # _rank_datasets), read here through Ray Train; the other ranks' rows never come here
+        start = time.perf_counter()
         row_shape = getattr(data, field).row_shape
         disk = keep_on_disk(cfg.share_storage, (len(share), *row_shape))
         if disk:
             on_disk.append(field)
         shard = ray.train.get_dataset_shard(f"{field}-{rank}")
-        return rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
+        rows = rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
                                  len(share), row_shape, on_disk=disk)
+        read_seconds[field] = round(time.perf_counter() - start, 3)
+        return rows
 
     data = data.for_rank(rank, world, read)
     device = ray.train.torch.get_device()
@@ -133,7 +137,8 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     read_rows: dict[str, Any] = {
         f: len(x.rows) for f in ("x_p", "x_u") if isinstance(x := getattr(data, f), RankRows)}
     mine = (ray.get_runtime_context().get_node_id(),
-            {**read_rows, "on_disk": on_disk, "memory": process_memory()})
+            {**read_rows, "on_disk": on_disk, "read_seconds": read_seconds,
+             "memory": process_memory()})
     ranks = [mine]
     if world > 1:
         ranks = [None] * world
