@@ -725,6 +725,15 @@ def rank_share(n: int, rank: int, world_size: int) -> np.ndarray:
     return np.arange(rank, n, world_size) if n >= world_size else np.arange(n)
 
 
+def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``keys`` (k,) is in the sorted, unique ``sorted_keys`` (m,): its position
+    (k,) int64 (meaningless where absent) and whether it is there (k,) bool."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return at, sorted_keys[at] == keys
+
+
 def shard(x: np.ndarray, n_shards: int) -> list[np.ndarray]:
     """Split rows of ``x`` (n, ...) into ``n_shards`` contiguous views; rows held in the object
     store (:class:`Remote`) come as the shards they were routed to."""

@@ -47,24 +47,21 @@ class Moments:
         """Moments of rows ``x`` (n, d), :data:`MOMENT_ROWS` rows at a time."""
         x = np.asarray(x)
         x = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
-        if len(x) == 0:
-            return Moments(0, np.zeros(x.shape[1]), np.zeros(x.shape[1]))
-        return Moments.of_blocks(x[a : a + MOMENT_ROWS] for a in range(0, len(x), MOMENT_ROWS))
+        return Moments.of_blocks((x[a : a + MOMENT_ROWS] for a in range(0, len(x), MOMENT_ROWS)),
+                                 x.shape[1])
 
     @staticmethod
-    def of_blocks(blocks: Iterable[np.ndarray]) -> Moments:
-        """Moments of the rows of consecutive blocks (each (k, d), k > 0), merged in order:
-        equal to ``of`` of their concatenation, bit for bit, when every block but the last
-        has :data:`MOMENT_ROWS` rows."""
+    def of_blocks(blocks: Iterable[np.ndarray], d: int) -> Moments:
+        """Moments of the rows of consecutive blocks (each (k, d), k > 0; none: no rows),
+        merged in order: equal to ``of`` of their concatenation, bit for bit, when every block
+        but the last has :data:`MOMENT_ROWS` rows."""
         total: Moments | None = None
         for b in blocks:
-            b = np.asarray(b, np.float64).reshape(len(b), -1)
+            b = np.asarray(b, np.float64).reshape(len(b), d)
             mean = b.mean(0)
             m = Moments(len(b), mean, ((b - mean) ** 2).sum(0))
             total = m if total is None else total + m
-        if total is None:
-            raise ValueError("Moments.of_blocks: no rows")
-        return total
+        return total if total is not None else Moments(0, np.zeros(d), np.zeros(d))
 
     def __add__(self, other: Moments) -> Moments:
         """Pairwise merge (Chan, Golub & LeVeque 1979): exact, and stable unlike Σx²."""

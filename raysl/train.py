@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from raysl.config import TrainConfig
-from raysl.data import rank_share
+from raysl.data import find_sorted, rank_share
 from raysl.models import build_model
 from raysl.objectives import objectives
 
@@ -97,9 +97,8 @@ class RankRows:
         return self.n
 
     def __getitem__(self, idx: np.ndarray) -> np.ndarray:
-        idx = np.asarray(idx)
-        at = np.minimum(np.searchsorted(self.share, idx), max(len(self.share) - 1, 0))
-        if len(self.share) == 0 or not np.array_equal(self.share[at], idx):
+        at, hit = find_sorted(self.share, np.asarray(idx))
+        if not hit.all():
             raise IndexError("positions outside this rank's share")
         return self.rows[at]
 

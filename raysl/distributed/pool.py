@@ -36,7 +36,15 @@ import numpy as np
 import ray
 
 from raysl.config import DataConfig
-from raysl.data import Dataset, Split, _fingerprint_params, encode_labels, rank_share, shard_bounds
+from raysl.data import (
+    Dataset,
+    Split,
+    _fingerprint_params,
+    encode_labels,
+    find_sorted,
+    rank_share,
+    shard_bounds,
+)
 from raysl.data import split_indices as _split_indices
 from raysl.errors import DataError
 from raysl.memory import disk_array
@@ -78,10 +86,8 @@ def assemble(parts: Sequence[dict[str, np.ndarray]], row_shape: tuple[int, ...],
     else:
         n = len(keep)
         dest = np.full(len(keys), -1, np.int64)
-        if n:
-            at = np.minimum(np.searchsorted(keep, keys), n - 1)
-            hit = keep[at] == keys
-            dest[hit] = at[hit]
+        at, hit = find_sorted(keep, keys)
+        dest[hit] = at[hit]
     out = (disk_array((n, *row_shape), random_access=False) if on_disk
            else np.empty((n, *row_shape), np.float32))
     start = 0
@@ -200,8 +206,7 @@ class RemoteRows:
         part = np.repeat(np.arange(len(parts)), [len(p["key"]) for p in parts])
         row = np.concatenate([np.arange(len(p["key"])) for p in parts] or [part])
         if self.keep is not None:
-            at = np.minimum(np.searchsorted(self.keep, keys), max(len(self.keep) - 1, 0))
-            hit = (self.keep[at] == keys) if len(self.keep) else np.zeros(len(keys), bool)
+            hit = find_sorted(self.keep, keys)[1]
             keys, part, row = keys[hit], part[hit], row[hit]
         order = np.argsort(keys, kind="stable")
         for a in range(0, len(order), rows):
@@ -242,8 +247,7 @@ def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
     keys = np.asarray(ray.get(keep)) if keep is not None else _bound_keys(bounds)
     want = keys[rank_share(len(keys), rank, world)]
     part = ray.get(parts[int(batch["part"][0])])
-    at = np.minimum(np.searchsorted(want, part["key"]), max(len(want) - 1, 0))
-    hit = (want[at] == part["key"]) if len(want) else np.zeros(len(part["key"]), bool)
+    at, hit = find_sorted(want, part["key"])
     x = np.empty((int(hit.sum()), *row_shape), np.float32)
     _put_rows(x, np.arange(len(x)), part["x"][hit])
     if transform is not None:
@@ -273,10 +277,8 @@ def rows_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
 
 @ray.remote
 def _moments(rows: RemoteRows) -> Moments:
-    if not len(rows):
-        d = int(np.prod(rows.row_shape))
-        return Moments(0, np.zeros(d), np.zeros(d))
-    return Moments.of_blocks(rows.blocks())  # the blocks of Moments.of(rows.fetch())
+    # the blocks of Moments.of(rows.fetch())
+    return Moments.of_blocks(rows.blocks(), int(np.prod(rows.row_shape)))
 
 
 @ray.remote
