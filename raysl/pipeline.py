@@ -52,7 +52,7 @@ from raysl.backends.base import (
     ShardWorker,
     fit,
 )
-from raysl.calibration import Calibration, apply_temperature, calibrate
+from raysl.calibration import FLOOR, Calibration, apply_temperature, calibrate
 from raysl.config import Config, TrainConfig, dump_yaml
 from raysl.data import Dataset, Remote, Split, load_dataset, make_split, materialize, shard
 from raysl.errors import ConfigError
@@ -450,7 +450,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                 val_proba = apply_temperature(val_proba, cal.temperature, floor=cal.floor)
             rows, ece_raw = pool_labels(ex, LabelCall(
                 res.state, 1.0 if cal is None else cal.temperature,
-                calibration_floor(b.name), key), split, cfg.data.n_shards)
+                FLOOR if cal is None else cal.floor, key), split, cfg.data.n_shards)
             # each Ray actor's rows, where it kept them and its memory (with its rows held)
             actors = ex.memory()
         logger.info("[pseudo-label] %s: %d round(s) in %.1fs on %d node(s)", b.name,
@@ -475,9 +475,9 @@ def _calibration(b: Any, val_proba: np.ndarray, y_val: np.ndarray) -> Calibratio
     if not b.calibrate or not len(y_val):
         return None
     cal = calibrate(val_proba, y_val, floor=calibration_floor(b.name))
-    logger.info("[pseudo-label] %s: temperature scaling on %d validation rows: T=%.3g "
-                "(validation NLL %.3f, %.3f at T=1%s)", b.name, cal.n, cal.temperature,
-                cal.nll, cal.nll_one, "" if cal.accepted else
+    logger.info("[pseudo-label] %s: temperature scaling on %d validation rows: T=%.3g, floor "
+                "%.0e (validation NLL %.3f, %.3f at T=1%s)", b.name, cal.n, cal.temperature,
+                cal.floor, cal.nll, cal.nll_one, "" if cal.accepted else
                 f"; the fit, {cal.fitted:.3g}, is degenerate: T=1 kept")
     return cal
 

@@ -8,7 +8,7 @@ from raysl.backends.gan import make_gan
 from raysl.backends.gmm import GMMBackend
 from raysl.backends.self_training import SelfTrainingBackend
 from raysl.backends.vae import make_vae
-from raysl.calibration import FLOOR, SOFTMAX_FLOOR
+from raysl.calibration import FLOOR, GMM_FLOORS, SOFTMAX_FLOOR
 from raysl.config import BackendConfig
 
 
@@ -38,17 +38,19 @@ BACKENDS: dict[str, BackendFactory] = {
 
 # The floor under log p when a backend's probabilities are temperature-scaled
 # (raysl.calibration): a network's softmax keeps its logit gaps down to 1e-30; the GMM's
-# log-density ratios are clipped at 1e-12, as is a backend not listed (calibration_floor).
-CALIBRATION_FLOOR: dict[str, float] = {
-    "gmm": FLOOR,
+# log-density ratios are clipped at the one of GMM_FLOORS its validation rows favour; a backend
+# not listed at 1e-12 (calibration_floor).
+CALIBRATION_FLOOR: dict[str, float | tuple[float, ...]] = {
+    "gmm": GMM_FLOORS,
     "self": SOFTMAX_FLOOR,
     "vae": SOFTMAX_FLOOR,
     "gan": SOFTMAX_FLOOR,
 }
 
 
-def calibration_floor(name: str) -> float:
-    """The floor under log p for backend ``name``'s temperature scaling."""
+def calibration_floor(name: str) -> float | tuple[float, ...]:
+    """The floor under log p for backend ``name``'s temperature scaling, or the candidates
+    :func:`raysl.calibration.calibrate` chooses it from."""
     return CALIBRATION_FLOOR.get(name, FLOOR)
 
 

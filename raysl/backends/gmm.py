@@ -6,7 +6,9 @@ the inputs themselves ("pca"), or the baseline classifier's penultimate-layer em
 ("embedding", from ``FitContext.classifier_state``), computed by each shard worker on its own
 rows, once, and bit-for-bit the same whatever the sharding (:func:`raysl.train.embed`).
 Labeled rows keep their class fixed (responsibilities are zero outside their class's
-components), unlabeled rows get the usual posterior. Shards return sufficient statistics
+components) and each counts as ``labeled_weight`` rows (Nigam et al. 2000's λ, inverted: the
+labeled rows weighed up rather than the unlabeled down), in the moments round too; unlabeled
+rows get the usual posterior. Shards return sufficient statistics
 (N_k, Σ r x, Σ r x xᵀ, log-likelihood) and the driver does the M-step, so any sharding gives
 the same fit up to rounding.
 
@@ -44,6 +46,10 @@ class Stats:
         return Stats(self.n + other.n, self.sx + other.sx, self.sxx + other.sxx,
                      self.loglik + other.loglik)
 
+    def scaled(self, w: float) -> Stats:
+        """The statistics of these rows each counted ``w`` times."""
+        return Stats(w * self.n, w * self.sx, w * self.sxx, w * self.loglik)
+
 
 # Rows are converted to float64 a block of about this many bytes at a time: a shard of 350,000
 # images as float64 would be 2.2 GB, the driver's labeled rows tens of MB.
@@ -68,7 +74,7 @@ def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     return len(x), sx, sxx
 
 
-def pca_from_moments(n: int, sx: np.ndarray, sxx: np.ndarray,
+def pca_from_moments(n: float, sx: np.ndarray, sxx: np.ndarray,
                      dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean (D,), projection (D, d) and the top-d covariance eigenvalues (d,).
 
@@ -166,11 +172,13 @@ class GMMBackend:
     def merge(self, stats: Sequence[Any]) -> float:
         assert self._x_l is not None and self._y_l is not None, "call init() first"
         if self.state["phase"] == "moments":
-            self._init_from_moments([moments(self.features(self._x_l)), *stats])
+            n_l, sx_l, sxx_l = moments(self.features(self._x_l))
+            w = self.cfg.labeled_weight
+            self._init_from_moments([(w * n_l, w * sx_l, w * sxx_l), *stats])
             return -np.inf
         st = self.state
         labeled = e_step(self._labeled(), self._y_l, st["weights"],
-                         st["means"], st["covs"], self.comp_class)
+                         st["means"], st["covs"], self.comp_class).scaled(self.cfg.labeled_weight)
         total = sum(stats, labeled)
         objective = total.loglik + log_prior(st["covs"], st["rho"])
         weights, means, covs = m_step(total, st["rho"])
@@ -187,7 +195,7 @@ class GMMBackend:
                       "iter": st["iter"] + 1, "objective": objective, "done": done}
         return objective
 
-    def _init_from_moments(self, parts: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    def _init_from_moments(self, parts: list[tuple[float, np.ndarray, np.ndarray]]) -> None:
         assert self._x_l is not None and self._y_l is not None
         n = sum(p[0] for p in parts)
         sx = sum(p[1] for p in parts)
