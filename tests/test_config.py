@@ -276,3 +276,23 @@ def test_parse_set_then_apply_overrides() -> None:
     cfg = apply_overrides(Config(), parse_set(["select.threshold=0.5", "train.use_gpu=false"]))
     assert cfg.select.threshold == 0.5
     assert cfg.train.use_gpu is False
+
+
+# the run configs (tune-*.yaml are Tune experiments' files, read by raysl tune)
+RUN_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
+                     if not p.name.startswith("tune-"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path: Path) -> None:
+    from raysl.config import load_config, validate
+
+    cfg = load_config(path)
+    validate(cfg)
+    if path.name == "gmm-images.yaml":
+        assert (cfg.backend.name, cfg.backend.gmm.features,
+                cfg.backend.gmm.components_per_class) == ("gmm", "embedding", 4)
+
+
+def test_the_run_configs_are_found() -> None:
+    assert {p.name for p in RUN_CONFIGS} >= {"digits.yaml", "mnist5k.yaml", "gmm-images.yaml"}
