@@ -47,7 +47,8 @@ FLOOR = 1e-12
 # then all scaled to the same confidence. Measured (`raysl bench backends` probabilities, 10
 # labels per class, 3 seeds, calibrated pool ECE at 1e-12 -> 1e-30): gan 0.063 -> 0.037 on
 # Fashion-MNIST, 0.018 -> 0.018 on mnist5k; self 0.049 -> 0.044, 0.029 -> 0.029; vae 0.044 ->
-# 0.039, 0.021 -> 0.021. The GMM's log-density ratios reach -700 and keep FLOOR (see above).
+# 0.039, 0.021 -> 0.021. The GMM's log-density ratios reach -700: its floor is chosen per fit
+# among GMM_FLOORS.
 SOFTMAX_FLOOR = 1e-30
 # The GMM's floor is chosen per fit by validation NLL (calibrate) among these. A fixed 1e-12
 # caps every calibrated confidence (at T = 7, a top class stays below 0.84 with 10 classes):
