@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from raysl.config import TrainConfig
-from raysl.data import find_sorted, rank_share
+from raysl.data import Remote, find_sorted, rank_share
 from raysl.models import build_model
 from raysl.objectives import objectives
 
@@ -70,8 +70,6 @@ class TrainData:
         :class:`RankRows` of this rank's share (:func:`raysl.data.rank_share`), whose
         rows ``read(field, positions)`` returns (Ray Train: the rank's dataset shard); arrays
         stay as they are."""
-        from raysl.data import Remote
-
         def local(field: str) -> Any:
             x = getattr(self, field)
             if not isinstance(x, Remote):
