@@ -9,8 +9,10 @@ Layout of ``out/``::
 
     config.yaml             the resolved config
     baseline/               supervised-only classifier (model.pt, result.json)
-    cache/proba-*.npz       backend probabilities for every unlabeled row
-    pseudo_labels.parquet   row, label, confidence, backend, selected
+    cache/labels-*/         each backend fit's labels and confidences of every unlabeled row
+                            (meta.npz, and part-<i>.npz per shard)
+    pseudo_labels.parquet/  row, label, confidence, backend, selected (part-<i>.parquet per
+                            shard, written where the shard's labels are)
     joint/                  the jointly trained classifier (model.pt, result.json)
     model.pt                the final model: joint or baseline, whichever scores higher on the
                             validation split (metrics.json ``final`` says which and why)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 import zipfile
@@ -53,20 +56,28 @@ from raysl.backends.base import (
     fit,
 )
 from raysl.calibration import FLOOR, Calibration, apply_temperature, calibrate
+from raysl.columns import PoolColumns, PoolSelection, split_columns
 from raysl.config import Config, TrainConfig, dump_yaml
-from raysl.data import Dataset, Remote, Split, load_dataset, make_split, materialize, shard
+from raysl.data import (
+    Dataset,
+    Remote,
+    Split,
+    load_dataset,
+    make_split,
+    materialize,
+    shard,
+    shard_bounds,
+)
 from raysl.errors import ConfigError
 from raysl.io import sha256_file, write_json, write_npz, write_text, write_with
 from raysl.memory import trim
 from raysl.metrics import (
-    ece_from,
     ece_from_bins,
     expected_calibration_error,
-    pseudo_label_metrics,
 )
 from raysl.models import Standardize, build_model
 from raysl.preprocess import standardize_split
-from raysl.select import Selection, class_prior, select_labels, total_variation
+from raysl.select import class_prior, total_variation
 from raysl.stages import cache_key, config_part
 from raysl.text import SentenceEncoder
 from raysl.train import TrainData, accuracy, fit_classifier, predict_proba, state_from_numpy
@@ -378,12 +389,13 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
                  require_cached: bool = False) -> dict[str, Any]:
     """Stage 2: fit the backend over the unlabeled shards (Ray actors, or a local loop; default
     ``cfg.ray.enabled``) and cache its probabilities in ``cache_dir`` (default ``out/cache``).
-    Returns ``{"backend", "labels", "conf", "labels_aligned", "conf_aligned": (n_u,),
-    "val_proba": (n_val, C), "val_accuracy", "val_ece", "key", "seconds", ...}``: each
-    unlabeled row's argmax label and calibrated probability, also after alignment to the
-    labeled class prior (``select.align``), from the shard workers, where the probabilities
-    (n_u, C) stay (:meth:`~raysl.backends.base.ShardWorker.label`); every backend also predicts
-    the labeled validation rows, an honest estimate of its accuracy and calibration.
+    Returns ``{"backend", "pool": PoolColumns, "val_proba": (n_val, C), "val_accuracy",
+    "val_ece", "key", "seconds", ...}``: ``pool`` holds each unlabeled row's argmax label and
+    calibrated probability, also after alignment to the labeled class prior
+    (``select.align``), in the shard workers' parts (:mod:`raysl.columns`; on Ray, in the
+    object store), where the probabilities (n_u, C) stay too
+    (:meth:`~raysl.backends.base.ShardWorker.label`); every backend also predicts the labeled
+    validation rows, an honest estimate of its accuracy and calibration.
     ``"actors"`` (a fresh fit on Ray actors): each actor's rows, whether it kept them on disk
     (``backend.shard_storage``) and its memory.
 
@@ -410,8 +422,10 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     key = cache_key(b.name, split.key, config_part("backend", cfg),
                     classifier_state if reads_classifier else None,
                     CALIBRATION if b.calibrate else None, _CACHE_FORMAT)
-    path = (cache_dir or out / "cache") / f"proba-{b.name}-{key}.npz"
-    cached = _read_cache(path)
+    path = cache_path(cache_dir or out / "cache", b.name, key)
+    base = split_columns(split.idx_u, split.y_u,
+                         shard_bounds(len(split.x_u), cfg.data.n_shards), _putter(use_ray))
+    cached = _read_cache(path, base)
     if cached is None and require_cached:
         raise ConfigError(f"{path.parent}: no {b.name} probabilities for this config (backend.* "
                           "differ from the pseudo-label run's); run `raysl pseudo-label` with "
@@ -419,7 +433,7 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
     if cached is not None:
         logger.info("[pseudo-label] cached %s probabilities found (%s); no refit", b.name, path)
         val_proba = cached["val_proba"]
-        rows = {k: cached[k] for k in _LABEL_ARRAYS}
+        pool = cached["pool"]
         info = {"seconds": float(cached["seconds"]), "rounds": int(cached["rounds"]),
                 "objective": cached["objective"].tolist(), "nodes": int(cached["nodes"]),
                 "temperature": float(cached["temperature"]),
@@ -448,22 +462,22 @@ def pseudo_label(split: Split, cfg: Config, out: Path, classifier_state: dict[st
             temperature = float("nan") if cal is None else cal.temperature  # NaN: not calibrated
             if cal is not None:
                 val_proba = apply_temperature(val_proba, cal.temperature, floor=cal.floor)
-            rows, ece_raw = pool_labels(ex, LabelCall(
+            pool, ece_raw = pool_labels(ex, LabelCall(
                 res.state, 1.0 if cal is None else cal.temperature,
-                FLOOR if cal is None else cal.floor, key), split, cfg.data.n_shards)
+                FLOOR if cal is None else cal.floor, key), split, base)
             # each Ray actor's rows, where it kept them and its memory (with its rows held)
             actors = ex.memory()
         logger.info("[pseudo-label] %s: %d round(s) in %.1fs on %d node(s)", b.name,
                     res.rounds, res.seconds, nodes)
-        write_npz(path, **rows, val_proba=val_proba, seconds=res.seconds,
-                  rounds=res.rounds, objective=np.asarray(res.objective, np.float64),
-                  nodes=nodes, temperature=temperature, ece_uncalibrated=ece_raw)
+        _write_cache(path, pool, val_proba=val_proba, seconds=res.seconds,
+                     rounds=res.rounds, objective=np.asarray(res.objective, np.float64),
+                     nodes=nodes, temperature=temperature, ece_uncalibrated=ece_raw)
         info = {"seconds": res.seconds, "rounds": res.rounds, "objective": res.objective,
                 "nodes": nodes, "temperature": temperature, "ece_uncalibrated": ece_raw,
                 "cached": False, "actors": actors}
         del res, labeler
         trim()  # the fit's transient per-row arrays (raysl.memory)
-    return {"backend": b.name, **rows, "val_proba": val_proba, "key": key,
+    return {"backend": b.name, "pool": pool, "val_proba": val_proba, "key": key,
             "val_accuracy": _accuracy(val_proba, split.y_val),
             "val_ece": expected_calibration_error(val_proba, split.y_val), **info}
 
@@ -482,46 +496,92 @@ def _calibration(b: Any, val_proba: np.ndarray, y_val: np.ndarray) -> Calibratio
     return cal
 
 
-def pool_labels(ex: Executor, call: LabelCall, split: Split, n_shards: int
-                ) -> tuple[dict[str, np.ndarray], float]:
+def pool_labels(ex: Executor, call: LabelCall, split: Split, base: PoolColumns
+                ) -> tuple[PoolColumns, float]:
     """What the pipeline keeps of the fitted backend's probabilities for the unlabeled rows,
-    each shard's computed by its worker (the probabilities (n_u, C) are not gathered): every
-    row's argmax label and calibrated probability (``labels``, ``conf``: (n_u,)), the same
-    after alignment to the labeled rows' class prior from the pool's mean prediction
-    (``labels_aligned``, ``conf_aligned``), and the uncalibrated probabilities' ECE against
+    each shard's computed by its worker and left there (the probabilities (n_u, C) are not
+    gathered, nor are the rows' labels): ``base`` (the split's columns) joined with every
+    row's argmax label and calibrated probability (``label``, ``conf``) and the same after
+    alignment to the labeled rows' class prior from the pool's mean prediction
+    (``label_aligned``, ``conf_aligned``); and the uncalibrated probabilities' ECE against
     the hidden labels (NaN: none known)."""
-    parts = ex.label(call, shard(split.y_u, n_shards))
-    n = sum(len(p.labels) for p in parts)
-    p_model = sum(p.psum for p in parts) / max(n, 1)
+    parts = ex.label(call, shard(split.y_u, len(base.sizes)))
+    p_model = sum(p[0].psum for p in parts) / max(len(base), 1)
     aligned = ex.aligned(call, p_model, class_prior(split.y_l, split.n_classes))
-    rows = {"labels": np.concatenate([p.labels for p in parts]),
-            "conf": np.concatenate([p.conf for p in parts]),
-            "labels_aligned": np.concatenate([a[0] for a in aligned]),
-            "conf_aligned": np.concatenate([a[1] for a in aligned])}
-    return rows, ece_from_bins(sum(p.ece_bins_raw for p in parts))
+    pool = base.join([p[1] for p in parts]).join(aligned)
+    return pool, ece_from_bins(sum(p[0].ece_bins_raw for p in parts))
 
 
-_LABEL_ARRAYS = ("labels", "conf", "labels_aligned", "conf_aligned")
-# Part of every backend cache's key: 2, labels and confidences instead of the probabilities.
-_CACHE_FORMAT = 2
-_CACHE_ARRAYS = (*_LABEL_ARRAYS, "val_proba", "seconds", "rounds", "objective", "nodes",
-                 "temperature", "ece_uncalibrated")
+# Part of every backend cache's key: 3, labels and confidences in one file per shard.
+_CACHE_FORMAT = 3
+_CACHE_META = ("val_proba", "seconds", "rounds", "objective", "nodes", "temperature",
+               "ece_uncalibrated")
 
 
-def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    """A backend's cached probabilities, or None when missing. A truncated or corrupt file
-    (the zip's CRCs catch it) is reported, removed and refitted."""
-    if not path.is_file():
+def cache_path(cache_dir: Path, backend: str, key: str) -> Path:
+    """The folder of a backend fit's cache: ``meta.npz`` (what the driver keeps) and one
+    ``part-<i>.npz`` per shard (its rows' labels and confidences, :meth:`PoolColumns.save`)."""
+    return cache_dir / f"labels-{backend}-{key}"
+
+
+def _putter(use_ray: bool) -> Callable[[Any], Any] | None:
+    if not use_ray:
+        return None
+    import ray
+
+    return ray.put
+
+
+def _write_cache(path: Path, pool: PoolColumns, **meta: Any) -> None:
+    """The parts written where they are, then ``meta.npz``, into a temporary folder renamed
+    onto ``path``: a cache is whole or absent."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        pool.save(tmp)
+        write_npz(tmp / "meta.npz", **meta)
+        if path.exists():  # a concurrent fit of the same key finished first: same content
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_cache(path: Path, base: PoolColumns) -> dict[str, Any] | None:
+    """A backend's cached labels (``meta.npz``'s arrays and ``pool``: ``base`` joined with
+    the parts), or None when missing. A truncated or corrupt file (the zip's CRCs catch it;
+    every part is read once here, where it is used) is reported, removed and refitted."""
+    import shutil
+
+    if not (path / "meta.npz").is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
-            cached = {k: f[k] for k in _CACHE_ARRAYS}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        with np.load(path / "meta.npz", allow_pickle=False) as f:
+            cached: dict[str, Any] = {k: f[k] for k in _CACHE_META}
+        pool = base.load(path)
+        # read every part now (a corrupt one raises here, not in a later stage)
+        pool.map(_check_part)
+        cached["pool"] = pool
+    except Exception as e:
+        cause = getattr(e, "cause", e)  # a Ray task's error wraps the reader's
+        if not isinstance(cause, _CORRUPT):
+            raise
         logger.warning("%s: corrupt or incomplete (%s); removing it and refitting", path,
-                       type(e).__name__)
-        path.unlink(missing_ok=True)
+                       type(cause).__name__)
+        shutil.rmtree(path, ignore_errors=True)
         return None
     return cached
+
+
+_CORRUPT = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _check_part(i: int, offset: int, cols: dict[str, np.ndarray]) -> int:
+    return len(cols["label"])
 
 
 def _nan_low(x: float) -> float:
@@ -530,34 +590,49 @@ def _nan_low(x: float) -> float:
 
 # -- stage 3: selection ---------------------------------------------------------------------
 
-def write_pseudo_labels(path: Path, split: Split, sel: Selection, backend: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def write_pseudo_labels(path: Path, sel: PoolSelection, backend: str) -> None:
+    """``path`` (a Parquet dataset: a folder of one file per shard, each written where its
+    shard's labels are): columns ``row``, ``label``, ``confidence``, ``backend``,
+    ``selected``. Written into a temporary folder and renamed onto ``path``, so a reader sees
+    the old one whole or the new one whole."""
+    import shutil
 
-    table = pa.table({"row": split.idx_u.astype(np.int64), "label": sel.labels,
-                      "confidence": sel.conf.astype(np.float64),
-                      "backend": [backend] * len(sel.labels), "selected": sel.mask})
-    write_with(path, lambda p: pq.write_table(table, p))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        sel.write_parquet(tmp, backend)
+        old = None
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def joint(split: Split, cfg: Config, out: Path, sel: Selection, stage: str = "joint",
+def joint(split: Split, cfg: Config, out: Path, sel: PoolSelection, stage: str = "joint",
           **train_kwargs: Any) -> dict[str, Any]:
     """Stage 4: labeled CE + lambda_u × confidence-weighted CE on the kept pseudo-labels,
     into ``out/<stage>/``. ``train_kwargs``: ``callbacks``, ``run_name``, ``verbose`` of
     :func:`train_stage`."""
-    m = sel.mask
     # Keyed by the selection's content, so `raysl train` after `raysl pseudo-label` finds the
     # same cached result as `raysl run`.
-    sel_key = cache_key({"labels": sel.labels, "mask": m.astype(np.uint8), "conf": sel.conf})
+    sel_key = sel.digest()
+    kept, y_p, w_p = sel.kept()
+    m = np.zeros(len(split.x_u), bool)
+    m[kept] = True
     # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
     online: dict[str, Any] = {}
     if cfg.train.fixmatch:
         online = {"x_u": split.x_u, "y_u": split.y_u}
-        if cfg.train.offline == "prior" and m.any():  # every row's label, kept or not
-            online.update(prior_label=sel.labels, prior_conf=sel.conf.astype(np.float32))
-    data = TrainData(split.x_l, split.y_l, split.x_u[m], sel.labels[m],
-                     sel.conf[m].astype(np.float32), split.x_val, split.y_val, len(split.x_u),
-                     **online)
+        if cfg.train.offline == "prior" and len(kept):  # every row's label, kept or not
+            prior_label, prior_conf = sel.every()
+            online.update(prior_label=prior_label, prior_conf=prior_conf)
+    data = TrainData(split.x_l, split.y_l, split.x_u[m], y_p, w_p, split.x_val, split.y_val,
+                     len(split.x_u), **online)
     key = cache_key("joint", split.key, config_part("joint", cfg), sel_key)
     trim()  # the selection's transient per-row arrays, before the job starts (raysl.memory)
     return train_stage(stage, split, cfg, out, data, key, **train_kwargs)
@@ -583,24 +658,23 @@ def relabel_rounds(split: Split, cfg: Config, out: Path) -> tuple[str, list[dict
 
 # -- the whole thing ------------------------------------------------------------------------
 
-def selection(split: Split, cfg: Config, rec: dict[str, Any]) -> tuple[Selection, dict]:
-    """Apply ``cfg.select`` to a backend's labels and confidences (``rec`` from
-    :func:`pseudo_label`; the aligned ones with ``select.align``); returns the selection and
-    its metrics: precision/coverage against the known true labels, ECE, per-class counts, and
-    the total-variation distance of the kept labels' class distribution from the labeled
-    rows' (``tv_distance``)."""
+def selection(split: Split, cfg: Config, rec: dict[str, Any]) -> tuple[PoolSelection, dict]:
+    """Apply ``cfg.select`` to a backend's labels and confidences (``rec["pool"]`` from
+    :func:`pseudo_label`; the aligned ones with ``select.align``), planned and measured by the
+    shards (:class:`raysl.columns.PoolSelection`); returns the selection and its metrics:
+    precision/coverage against the known true labels, ECE, per-class counts, and the
+    total-variation distance of the kept labels' class distribution from the labeled rows'
+    (``tv_distance``)."""
     s = cfg.select
     prior = class_prior(split.y_l, split.n_classes)
-    labels, conf = ((rec["labels_aligned"], rec["conf_aligned"]) if s.align
-                    else (rec["labels"], rec["conf"]))
-    sel = select_labels(labels, conf, split.n_classes, s.criterion, s.threshold, s.k_best,
-                        prior, s.per_class_share)
-    m = pseudo_label_metrics(sel, split.y_u)
-    kept = sel.per_class(split.n_classes)
+    sel = PoolSelection.plan(rec["pool"], split.n_classes, s.criterion, s.threshold, s.k_best,
+                             prior, s.per_class_share, s.align)
+    m = sel.summary(split.n_classes)
+    kept = m["per_class"]
     tv = (total_variation(np.asarray(kept) / sum(kept), prior) if sum(kept)
           else float("nan"))
     m.update(backend=rec["backend"], criterion=s.criterion, threshold=s.threshold,
-             ece=ece_from(conf, labels, split.y_u), per_class=kept, tv_distance=tv)
+             tv_distance=tv)
     return sel, m
 
 
@@ -623,12 +697,12 @@ def guard_reason(cfg: Config, baseline_val_accuracy: float, m: dict[str, Any]) -
 
 def choose_pseudo_labels(split: Split, cfg: Config, pl: dict[str, Any],
                          baseline_val_accuracy: float
-                         ) -> tuple[Selection, dict[str, Any], dict[str, Any]]:
+                         ) -> tuple[PoolSelection, dict[str, Any], dict[str, Any]]:
     """The selection from the first backend (best validation accuracy first, with ``auto``)
     whose labels pass the guard; when none does, a warning and an empty selection (joint
     training then uses no offline pseudo-labels). Returns (selection, its metrics, guard)."""
     reasons: list[str] = []
-    first: tuple[Selection, dict[str, Any]] | None = None
+    first: tuple[PoolSelection, dict[str, Any]] | None = None
     for rec in pl.get("ranked", [pl]):
         sel, m = selection(split, cfg, rec)
         m.update(val_accuracy=rec["val_accuracy"], val_ece=rec["val_ece"],
@@ -644,7 +718,7 @@ def choose_pseudo_labels(split: Split, cfg: Config, pl: dict[str, Any],
     sel, m = first
     msg = ("pseudo-labels not used, joint training without them: " + "; ".join(reasons))
     logger.warning(msg)
-    empty = Selection(np.zeros_like(sel.mask), sel.labels, sel.conf)
+    empty = sel.nothing()
     m.update(coverage=0.0, n_selected=0, precision=float("nan"))
     return empty, m, {"tripped": True, "used": None, "rejected": reasons, "message": msg}
 
@@ -743,8 +817,9 @@ def run(cfg: Config, out: str | Path, stages: str = "all",
         metrics["baseline"] = {k: base.get(k) for k in (
             "test_accuracy", "val_accuracy", "val_ece", "seconds", "nodes", "cached")}
         sel = _select_and_record(split, cfg, pl, base, metrics)
-        write_pseudo_labels(out / "pseudo_labels.parquet", split, sel,
-                            metrics["pseudo_labels"]["backend"] or "")
+        if sel is not None:
+            write_pseudo_labels(out / "pseudo_labels.parquet", sel,
+                                metrics["pseudo_labels"]["backend"] or "")
         # the backends' probabilities (every candidate's, with `auto`) are cached on disk and
         # not needed by the joint job: not held through it
         pl = None
@@ -778,12 +853,13 @@ def _finished_upstream(split: Split, cfg: Config, out: Path
 
 
 def _select_and_record(split: Split, cfg: Config, pl: dict[str, Any] | None,
-                       base: dict[str, Any], metrics: dict[str, Any]) -> Selection:
+                       base: dict[str, Any], metrics: dict[str, Any]) -> PoolSelection | None:
     if pl is None:  # no unlabeled rows
         logger.warning("no unlabeled rows: the model is the supervised baseline")
-        sel = Selection(np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0))
-        metrics["pseudo_labels"] = {**pseudo_label_metrics(sel, split.y_u), "backend": None}
-        return sel
+        metrics["pseudo_labels"] = {"coverage": 0.0, "n_selected": 0,
+                                    "precision": float("nan"),
+                                    "argmax_accuracy": float("nan"), "backend": None}
+        return None
     sel, plm, metrics["guard"] = choose_pseudo_labels(split, cfg, pl, base["val_accuracy"])
     metrics["pseudo_labels"] = plm
     if "ranked" in pl:
@@ -794,7 +870,7 @@ def _select_and_record(split: Split, cfg: Config, pl: dict[str, Any] | None,
     return sel
 
 
-def _joint_and_final(split: Split, cfg: Config, out: Path, sel: Selection,
+def _joint_and_final(split: Split, cfg: Config, out: Path, sel: PoolSelection | None,
                      base: dict[str, Any], metrics: dict[str, Any]) -> None:
     if not len(split.x_u):
         metrics["final"] = {"model": "baseline", "test_accuracy": base["test_accuracy"],

@@ -118,8 +118,8 @@ def test_default_config_calibrates_and_reports_ece_before_and_after(tmp_path: Pa
     # a cache hit gives the same temperature and probabilities
     again = pipeline.pseudo_label(split, cfg, tmp_path, {})
     assert again["cached"] and again["temperature"] == t
-    for k in ("labels", "conf", "labels_aligned", "conf_aligned"):
-        np.testing.assert_array_equal(again[k], pl[k])
+    for k in ("label", "conf", "label_aligned", "conf_aligned"):
+        np.testing.assert_array_equal(again["pool"].gather(k)[0], pl["pool"].gather(k)[0])
     assert again["ece_uncalibrated"] == pl["ece_uncalibrated"] == m["ece_uncalibrated"]
 
 

@@ -232,7 +232,8 @@ def test_job_submitted_to_a_local_head_succeeds(local_head: str, tmp_path: Path)
     assert "joint (labeled + pseudo)" in logs  # the summary table reached the job's log
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"]["dataset"] == "digits" and "test_accuracy" in m["joint"]
-    assert (out / "pseudo_labels.parquet").is_file() and (out / "model.pt").is_file()
+    assert list((out / "pseudo_labels.parquet").glob("part-*.parquet"))
+    assert (out / "model.pt").is_file()
 
 
 def _wait_for_port(port: int, seconds: float) -> None:

@@ -53,7 +53,8 @@ def _truncate(p: Path) -> None:
 
 # which file, and which stage must be redone (its metrics' "cached" flag turns False)
 CASES = [
-    ("cache/proba-gmm-*.npz", "pseudo_labels"),
+    ("cache/labels-gmm-*/part-00001.npz", "pseudo_labels"),
+    ("cache/labels-gmm-*/meta.npz", "pseudo_labels"),
     ("baseline/model.pt", "baseline"),
     ("baseline/result.json", "baseline"),
     ("joint/model.pt", "joint"),
@@ -93,7 +94,7 @@ def test_a_truncated_pseudo_label_file_is_written_again(stages: str, clean: tupl
 
     out = tmp_path / "run"
     shutil.copytree(clean[0], out)
-    _truncate(out / "pseudo_labels.parquet")
+    _truncate(out / "pseudo_labels.parquet" / "part-00000.parquet")
     again = pipeline.run(_cfg(wine), out, stages=stages)
     assert _figures(again) == _figures(clean[1])
     assert pq.read_table(out / "pseudo_labels.parquet").num_rows == len(

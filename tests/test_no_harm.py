@@ -255,6 +255,7 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
         toy_backends: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     import raysl.pipeline as pipeline
+    from raysl.columns import split_columns
 
     split, cfg = _split()
     split = standardize_split(split, 2)
@@ -264,16 +265,17 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
     pl = pipeline.pseudo_label(split, bad, tmp_path, {}, use_ray=False)
     with caplog.at_level("WARNING", logger="raysl"):
         sel, m, guard = pipeline.choose_pseudo_labels(split, bad, pl, baseline_val_accuracy=0.9)
-    assert guard["tripped"] and not sel.mask.any() and m["n_selected"] == 0
+    assert guard["tripped"] and not sel.gather().mask.any() and m["n_selected"] == 0
     assert "shuffled: validation accuracy" in guard["message"]
     assert "pseudo-labels not used" in caplog.text
     off = apply_overrides(bad, {"select.guard": False})
     sel, _, guard = pipeline.choose_pseudo_labels(split, off, pl, baseline_val_accuracy=0.9)
-    assert not guard["tripped"] and sel.mask.any()
+    assert not guard["tripped"] and sel.gather().mask.any()
     # auto: the best candidate trips (its kept labels are all one class), the next is used
     n_u = len(split.x_u)
+    one_class = {"label": np.zeros(n_u, np.int64), "conf": np.full(n_u, 0.99, np.float32)}
     lopsided = {**pl, "backend": "lopsided", "val_accuracy": 1.0,
-                "labels": np.zeros(n_u, np.int64), "conf": np.full(n_u, 0.99, np.float32)}
+                "pool": split_columns(split.idx_u, split.y_u, [(0, n_u)]).join([one_class])}
     honest = pipeline.pseudo_label(split, replace(cfg, backend=replace(cfg.backend,
                                                                        name="honest")),
                                    tmp_path, {}, use_ray=False)
@@ -287,7 +289,7 @@ def test_the_guard_rejects_a_shuffled_backend_and_falls_back_to_the_next(
     assert cfg.backend.calibrate
     pl = pipeline.pseudo_label(split, cal, tmp_path, {}, use_ray=False)
     sel, _, _ = pipeline.choose_pseudo_labels(split, replace(off, backend=cal.backend), pl, 0.9)
-    assert pl["temperature"] > 5 and not sel.mask.any()
+    assert pl["temperature"] > 5 and not sel.gather().mask.any()
 
 
 def test_final_choice_prefers_the_joint_model_unless_the_baseline_is_better() -> None:

@@ -133,9 +133,11 @@ def test_run_end_to_end_writes_sane_outputs_and_resumes(tiny_config: Config,
     out = tmp_path / "run"
     m = pipeline.run(tiny_config, out)
 
-    for f in ("config.yaml", "metrics.json", "pseudo_labels.parquet", "model.pt",
-              "baseline/model.pt", "joint/model.pt"):
+    for f in ("config.yaml", "metrics.json", "model.pt", "baseline/model.pt",
+              "joint/model.pt"):
         assert (out / f).is_file(), f
+    assert (len(list((out / "pseudo_labels.parquet").glob("part-*.parquet")))
+            == tiny_config.data.n_shards)
     assert not list(out.rglob("*.tmp")), "temporary files left behind"
     # config.yaml replays to the same config
     assert load_config(out / "config.yaml") == tiny_config
@@ -198,15 +200,17 @@ def test_relabel_rounds_retrain_from_the_last_joint_model(tiny_config: Config,
     assert (out / "model.pt").read_bytes() == chosen.read_bytes()
     assert m["joint"]["test_accuracy"] == r2["test_accuracy"]
     # the re-labelled pool is the first joint model's predictions, not the gmm's
-    gmm_cache = list((out / "cache").glob("proba-gmm-*.npz"))
-    self_cache = list((out / "cache").glob("proba-self-*.npz"))
+    gmm_cache = list((out / "cache").glob("labels-gmm-*"))
+    self_cache = list((out / "cache").glob("labels-self-*"))
     assert len(gmm_cache) == 1 and len(self_cache) == 1
     model = pipeline.load_model(out / "joint" / "model.pt")
     split = pipeline.check(cfg)
     with torch.no_grad():
         pred = torch.softmax(model(torch.from_numpy(split.x_u)), 1).numpy()
-    with np.load(self_cache[0]) as cached:  # argmax labels, and confidences calibrated
-        np.testing.assert_array_equal(cached["labels"], pred.argmax(1))
+    parts = sorted(self_cache[0].glob("part-*.npz"))  # one per shard, in pool order
+    assert len(parts) == cfg.data.n_shards
+    labels = np.concatenate([np.load(p)["label"] for p in parts])
+    np.testing.assert_array_equal(labels, pred.argmax(1))  # argmax labels
     again = pipeline.run(cfg, out)
     assert again["relabel"][0]["cached"] and again["joint"]["test_accuracy"] == r2["test_accuracy"]
 
@@ -246,3 +250,55 @@ def test_shard_actors_reserve_no_gpu_when_training_uses_one(split) -> None:
 
     threading.Thread(target=fit_on_actors, daemon=True).start()
     assert done.wait(120), "the shard actors are waiting for a GPU"
+
+
+@pytest.mark.parametrize("n_shards", [1, 3])
+def test_pool_labels_stay_in_the_object_store_and_select_as_in_this_process(
+        split, tmp_path: Path, n_shards: int) -> None:
+    """On Ray actors the pool's labels and confidences stay in the object store (the driver
+    holds one reference per shard and part) and every selection over them, planned and
+    measured by tasks, keeps the rows and gives the figures the same selection in this
+    process does, for every criterion, aligned or not; the cache read back on Ray stays
+    remote too, and `pseudo_labels.parquet`'s parts (written by tasks) hold the selection."""
+    import ray
+
+    from raysl.columns import PoolSelection
+    from raysl.select import select_labels
+
+    cfg = apply_overrides(Config(), {"backend.name": "gmm", "backend.gmm.max_iter": 5,
+                                     "data.n_shards": n_shards})
+    remote = pipeline.pseudo_label(split, cfg, tmp_path / "ray", {}, use_ray=True)
+    local = pipeline.pseudo_label(split, cfg, tmp_path / "local", {}, use_ray=False)
+    assert all(isinstance(o, ray.ObjectRef) for p in remote["pool"].parts for o in p)
+    assert not local["pool"].remote
+    cached = pipeline.pseudo_label(split, cfg, tmp_path / "ray", {}, use_ray=True)
+    assert cached["cached"] and cached["pool"].remote
+    for crit, aligned in [("threshold", False), ("k_best", False), ("per_class", False),
+                          ("per_class", True), ("threshold", True)]:
+        c = apply_overrides(cfg, {"select.criterion": crit, "select.k_best": 150,
+                                  "select.threshold": 0.9, "select.align": aligned})
+        sels = [pipeline.selection(split, c, pl) for pl in (remote, local, cached)]
+        (rs, rm), (ls, lm), (cs, cm) = sels
+        for m in (rm, cm):  # (the actors' BLAS may round the last bits differently)
+            assert {k: m[k] for k in ("n_selected", "per_class", "coverage")} == {
+                k: lm[k] for k in ("n_selected", "per_class", "coverage")}
+            assert m["precision"] == pytest.approx(lm["precision"], nan_ok=True)
+            assert m["ece"] == pytest.approx(lm["ece"], abs=1e-6)
+        for a, b in zip(rs.kept(), ls.kept(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        assert 0 < rm["n_selected"] < len(split.x_u)
+        # the same rows as selecting from the gathered labels in one place
+        g = ls.gather()
+        want = select_labels(g.labels, g.conf, split.n_classes, crit, 0.9, 150,
+                             pipeline.class_prior(split.y_l, split.n_classes),
+                             c.select.per_class_share)
+        np.testing.assert_array_equal(rs.gather().mask, want.mask)
+        assert isinstance(rs, PoolSelection) and rs.digest() == cs.digest()
+    pipeline.write_pseudo_labels(tmp_path / "pl.parquet", rs, "gmm")
+    assert len(list((tmp_path / "pl.parquet").glob("part-*.parquet"))) == n_shards
+    t = pq.read_table(tmp_path / "pl.parquet").to_pydict()
+    np.testing.assert_array_equal(t["row"], split.idx_u)
+    np.testing.assert_array_equal(t["selected"], rs.gather().mask)
+    pipeline.write_pseudo_labels(tmp_path / "pl.parquet", rs.nothing(), "gmm")  # replaces it
+    assert not any(pq.read_table(tmp_path / "pl.parquet").to_pydict()["selected"])
+    assert not list(tmp_path.glob(".pl.parquet*")), "temporary folders left behind"

@@ -199,7 +199,9 @@ def test_shard_workers_label_the_pool_as_its_gathered_probabilities_would(n_shar
     from raysl.backends import BACKENDS, FitContext
     from raysl.backends.base import LabelCall, fit
     from raysl.calibration import apply_temperature
+    from raysl.columns import split_columns
     from raysl.config import Config, apply_overrides
+    from raysl.data import shard_bounds
     from raysl.select import align_to_prior, class_prior
 
     cfg = apply_overrides(Config(), {"ray.enabled": False, "backend.name": "gmm",
@@ -210,14 +212,19 @@ def test_shard_workers_label_the_pool_as_its_gathered_probabilities_would(n_shar
     with pipeline.shard_workers(split, cfg, ctx, use_ray=False) as (ex, _):
         res = fit(factory(cfg.backend, ctx), ex, split.x_l, split.y_l)
         call = LabelCall(res.state, 3.0, 1e-12, "t")
-        rows, ece_raw = pipeline.pool_labels(ex, call, split, n_shards)
+        base = split_columns(split.idx_u, split.y_u, shard_bounds(len(split.y_u), n_shards))
+        pool, ece_raw = pipeline.pool_labels(ex, call, split, base)
     assert res.proba is not None
+    assert pool.sizes == tuple(b - a for a, b in shard_bounds(len(split.y_u), n_shards))
+    labels, conf, labels_al, conf_al, row = pool.gather(
+        "label", "conf", "label_aligned", "conf_aligned", "row")
     scaled = apply_temperature(res.proba.copy(), 3.0)
-    np.testing.assert_array_equal(rows["labels"], scaled.argmax(1))
-    np.testing.assert_array_equal(rows["conf"], scaled.max(1))
+    np.testing.assert_array_equal(labels, scaled.argmax(1))
+    np.testing.assert_array_equal(conf, scaled.max(1))
     aligned = align_to_prior(scaled, class_prior(split.y_l, split.n_classes))
-    np.testing.assert_array_equal(rows["labels_aligned"], aligned.argmax(1))
-    np.testing.assert_allclose(rows["conf_aligned"], aligned.max(1), rtol=1e-6)
+    np.testing.assert_array_equal(labels_al, aligned.argmax(1))
+    np.testing.assert_allclose(conf_al, aligned.max(1), rtol=1e-6)
+    np.testing.assert_array_equal(row, split.idx_u)
     assert ece_raw == pytest.approx(expected_calibration_error(res.proba, split.y_u), abs=1e-9)
 
 
@@ -238,3 +245,61 @@ def test_alignment_takes_read_only_vectors_from_the_object_store_without_a_warni
         got = align_to_prior(p, prior, mean)
     np.testing.assert_array_equal(got, want)
     assert not np.allclose(got, p)  # the alignment moved the probabilities
+
+
+def _reference(labels: np.ndarray, conf: np.ndarray, n_classes: int, criterion: str,
+               k_best: int, share: float) -> np.ndarray:
+    """The selection by sorting every row at once (what the sharded plan must reproduce)."""
+    from raysl.select import per_class_k
+
+    mask = np.zeros(len(conf), bool)
+    order = lambda rows: rows[np.argsort(-conf[rows], kind="stable")]  # noqa: E731
+    if criterion == "k_best":
+        mask[order(np.arange(len(conf)))[:k_best]] = True
+        return mask
+    k = per_class_k(np.full(n_classes, 1.0 / n_classes), len(conf), share)
+    have = np.bincount(labels, minlength=n_classes)
+    fill = min(1.0, *(have[k > 0] / k[k > 0]))
+    k = np.floor(k * fill + 1e-9).astype(np.int64)
+    for c in range(n_classes):
+        mask[order(np.flatnonzero(labels == c))[: k[c]]] = True
+    return mask
+
+
+@pytest.mark.parametrize("n_shards", [1, 3, 7])
+@pytest.mark.parametrize(("criterion", "k_best", "share"),
+                         [("k_best", 1, 0.5), ("k_best", 37, 0.5), ("k_best", 10_000, 0.5),
+                          ("per_class", 100, 0.5), ("per_class", 100, 0.9),
+                          ("per_class", 100, 0.01)])
+def test_a_plan_over_shards_keeps_the_rows_sorting_them_all_would(
+        n_shards: int, criterion: str, k_best: int, share: float) -> None:
+    """The radix select over shards' histograms keeps exactly the rows a global sort keeps,
+    ties (many: confidences on a grid of 50 values) to the lower pool position, a class the
+    backend rarely predicts scaling every class's quota."""
+    from raysl.data import shard_bounds
+    from raysl.select import plan_selection
+
+    rng = np.random.default_rng(n_shards)
+    n = 2_000
+    labels = rng.choice(N_CLASSES, n, p=[0.6, 0.3, 0.08, 0.02])
+    conf = (rng.integers(0, 50, n) / 49).astype(np.float32)
+    bounds = shard_bounds(n, n_shards)
+
+    def run(fn, **kw):  # type: ignore[no-untyped-def]
+        return [fn(labels[a:b], conf[a:b], a, **kw) for a, b in bounds]
+
+    rule = plan_selection(run, n, N_CLASSES, criterion, k_best=k_best, share=share)
+    mask = np.concatenate([rule.mask(labels[a:b], conf[a:b], a) for a, b in bounds])
+    want = _reference(labels, conf, N_CLASSES, criterion, k_best, share)
+    np.testing.assert_array_equal(mask, want)
+    assert 0 < mask.sum() < n or (criterion == "k_best" and k_best >= n)
+
+
+def test_rank_keys_order_rows_by_confidence_then_position() -> None:
+    from raysl.select import rank_keys
+
+    conf = np.array([0.5, 1.0, 0.0, 0.5, -0.0, 0.25], np.float32)
+    keys = np.concatenate([rank_keys(conf[:3], 0), rank_keys(conf[3:], 3)])
+    np.testing.assert_array_equal(np.argsort(keys), [1, 0, 3, 5, 2, 4])
+    with pytest.raises(ValueError, match="at most"):
+        rank_keys(conf, (1 << 31) - 2)

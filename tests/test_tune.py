@@ -388,11 +388,13 @@ def test_thresholds_times_backends_cost_one_fit_per_backend(searched) -> None:
     assert len(outcome.records) == 4 and all(r.complete for r in outcome.records)
     # one fit per backend, by the driver, before the trials, into the one shared cache ...
     assert outcome.backend_fits == 2
-    assert sorted(p.name.split("-")[1] for p in out.glob("shared/cache/proba-*.npz")) \
-        == ["gmm", "self"]
-    # (one baseline: its dir links both fits, for replays)
-    assert sorted(p.name.split("-")[1] for p in out.glob("shared/*/cache/proba-*.npz")) \
-        == ["gmm", "self"]
+    assert sorted(p.parent.name.split("-")[1]
+                  for p in out.glob("shared/cache/labels-*/meta.npz")) == ["gmm", "self"]
+    # (one baseline: its dir links both fits, every part, for replays)
+    assert sorted(p.parent.name.split("-")[1]
+                  for p in out.glob("shared/*/cache/labels-*/meta.npz")) == ["gmm", "self"]
+    assert len(list(out.glob("shared/*/cache/labels-*/part-*.npz"))) == len(
+        list(out.glob("shared/cache/labels-*/part-*.npz"))) > 0
     # ... and every trial read the cache instead of fitting, on the driver's split: its pool
     # in the object store, the data not read again by the trial
     assert all(r.metrics["backend_cached"] is True for r in outcome.records)
@@ -500,15 +502,17 @@ def test_a_learning_rate_grid_shares_one_backend_fit(
     assert len(outcome.records) == 2 and all(r.complete for r in outcome.records)
     # the learning rate changes the baseline (two), not the gmm fit (one, shared)
     assert outcome.backend_fits == 1
-    fits = list(out.glob("shared/cache/proba-gmm-*.npz"))
+    fits = list(out.glob("shared/cache/labels-gmm-*/meta.npz"))
     assert len(fits) == 1
     assert all(r.metrics["backend_cached"] is True for r in outcome.records)
     baselines = sorted(p.parent.parent for p in out.glob("shared/*/baseline/result.json"))
     assert len(baselines) == 2 and outcome.replay_out in baselines
     # each baseline dir links the fit, for a replay of best.yaml in it
     for d in baselines:
-        (link,) = d.glob("cache/proba-gmm-*.npz")
-        assert link.name == fits[0].name and link.read_bytes() == fits[0].read_bytes()
+        (link,) = d.glob("cache/labels-gmm-*/meta.npz")
+        assert link.parent.name == fits[0].parent.name
+        for f in fits[0].parent.glob("*.npz"):  # meta.npz and every part
+            assert (link.parent / f.name).read_bytes() == f.read_bytes()
     # each trial's log has its own progress, the pipeline's records included
     for r in outcome.records:
         text = (out / "trials" / r.trial_id / "log.txt").read_text()

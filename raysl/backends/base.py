@@ -6,8 +6,8 @@ statistics into new parameters with ``merge``. For the GMM the statistics are su
 statistics (exact, whatever the sharding); for neural backends they are locally trained weights
 averaged by shard size (FedAvg). At the end each worker predicts its own shard: all of its
 probabilities (:meth:`ShardWorker.predict`, for benchmarks), or what the pipeline keeps of them
-(:meth:`ShardWorker.label`: each row's label and confidence; the probabilities stay with the
-worker).
+(:meth:`ShardWorker.label`: each row's label and confidence, which stay with the worker's
+results as :mod:`raysl.columns` parts; so do the probabilities).
 
 Where the shards live is the executor's business: :class:`LocalExecutor` here (a list), and
 ``raysl.distributed.actors.RayExecutor`` (one Ray actor per shard). Both drive the same
@@ -93,14 +93,12 @@ class LabelCall:
 
 @dataclass(frozen=True)
 class ShardLabels:
-    """What the driver keeps of one shard's probabilities (n_i, C) after calibration: each
-    row's argmax ``labels`` (n_i,) int64 and its probability ``conf`` (n_i,) float32;
-    ``psum`` (C,) their column sums (float64: the pool's mean prediction, for alignment);
+    """What the driver fetches of one shard's probabilities (n_i, C) after calibration (the
+    rows' labels and confidences stay with the shard: :meth:`ShardWorker.label`): ``psum``
+    (C,) their column sums (float64: the pool's mean prediction, for alignment) and
     ``ece_bins_raw`` the uncalibrated probabilities' ECE bins against the hidden labels
     (:func:`raysl.metrics.ece_bins`)."""
 
-    labels: np.ndarray
-    conf: np.ndarray
     psum: np.ndarray
     ece_bins_raw: np.ndarray
 
@@ -136,25 +134,28 @@ class ShardWorker:
         proba = self.predict(call.state)
         return apply_temperature(proba, call.temperature, out=proba, floor=call.floor)
 
-    def label(self, call: LabelCall, y: np.ndarray) -> ShardLabels:
-        """The shard's :class:`ShardLabels`; ``y`` (n_i,) its hidden labels (-1: unknown)."""
+    def label(self, call: LabelCall, y: np.ndarray) -> tuple[ShardLabels, dict[str, np.ndarray]]:
+        """The shard's :class:`ShardLabels` and its rows' columns (:mod:`raysl.columns`):
+        ``label`` (n_i,) int64, the calibrated argmax, and ``conf`` (n_i,) float32, its
+        probability; ``y`` (n_i,) its hidden labels (-1: unknown)."""
         proba = self.predict(call.state)
         raw = ece_bins(proba.max(1), proba.argmax(1), y)
         proba = apply_temperature(proba, call.temperature, out=proba, floor=call.floor)
         self._last = (call.token, proba)
-        return ShardLabels(proba.argmax(1).astype(np.int64), proba.max(1),
-                           proba.sum(0, dtype=np.float64), raw)
+        return (ShardLabels(proba.sum(0, dtype=np.float64), raw),
+                {"label": proba.argmax(1).astype(np.int64), "conf": proba.max(1)})
 
     def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Labels and confidences (n_i,) of the calibrated probabilities aligned to ``prior``
-        (C,) from the pool's mean prediction ``p_model`` (C,)
-        (:func:`raysl.select.align_to_prior`). Drops the probabilities kept since
-        :meth:`label`."""
+                ) -> dict[str, np.ndarray]:
+        """Columns ``label_aligned`` and ``conf_aligned`` (n_i,): the labels and confidences
+        of the calibrated probabilities aligned to ``prior`` (C,) from the pool's mean
+        prediction ``p_model`` (C,) (:func:`raysl.select.align_to_prior`). Drops the
+        probabilities kept since :meth:`label`."""
         proba = self._calibrated(call)
         self._last = None
         q = align_to_prior(proba, prior, p_model)
-        return q.argmax(1).astype(np.int64), q.max(1).astype(np.float32)
+        return {"label_aligned": q.argmax(1).astype(np.int64),
+                "conf_aligned": q.max(1).astype(np.float32)}
 
 
 class Executor(Protocol):
@@ -162,10 +163,16 @@ class Executor(Protocol):
 
     def predict(self, state: dict[str, Any]) -> list[np.ndarray]: ...
 
-    def label(self, call: LabelCall, ys: Sequence[np.ndarray]) -> list[ShardLabels]: ...
+    def label(self, call: LabelCall, ys: Sequence[np.ndarray]
+              ) -> list[tuple[ShardLabels, Any]]:
+        """Per shard, :meth:`ShardWorker.label`: its summary, and its columns (a dict, or a
+        reference to it where the worker is)."""
+        ...
 
     def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
-                ) -> list[tuple[np.ndarray, np.ndarray]]: ...
+                ) -> list[Any]:
+        """Per shard, :meth:`ShardWorker.aligned`'s columns (or a reference to them)."""
+        ...
 
     def memory(self) -> list[dict[str, Any]]:
         """Per worker process: its rows, whether it keeps them on disk, its memory."""
@@ -184,11 +191,12 @@ class LocalExecutor:
     def predict(self, state: dict[str, Any]) -> list[np.ndarray]:
         return [w.predict(state) for w in self.workers]
 
-    def label(self, call: LabelCall, ys: Sequence[np.ndarray]) -> list[ShardLabels]:
+    def label(self, call: LabelCall, ys: Sequence[np.ndarray]
+              ) -> list[tuple[ShardLabels, Any]]:
         return [w.label(call, y) for w, y in zip(self.workers, ys, strict=True)]
 
     def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
+                ) -> list[Any]:
         return [w.aligned(call, p_model, prior) for w in self.workers]
 
     def memory(self) -> list[dict[str, Any]]:

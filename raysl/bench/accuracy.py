@@ -134,7 +134,8 @@ def _backend_pseudo(split: Split, cfg: Config, backend: str, out: Path,
 
     cfg = replace(cfg, backend=replace(cfg.backend, name=backend))
     pl = pseudo_label(split, cfg, out, sup_state, use_ray=False)
-    sel = select_labels(pl["labels"], pl["conf"], split.n_classes, cfg.select.criterion,
+    labels, conf = pl["pool"].gather("label", "conf")  # in this process: small data
+    sel = select_labels(labels, conf, split.n_classes, cfg.select.criterion,
                         cfg.select.threshold, cfg.select.k_best)
     return sel, pseudo_label_metrics(sel, split.y_u)
 

@@ -262,8 +262,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             n_u = len(split.x_u)
             with mon.stage(STAGES[1], n_u) as rec:
                 pl = pipeline.pseudo_label(split, cfg, out, {}, use_ray=True)
-                sel, _ = pipeline.selection(split, cfg, pl)
-                rec.update(rounds=pl["rounds"], selected=int(sel.mask.sum()))
+                sel, plm = pipeline.selection(split, cfg, pl)
+                rec.update(rounds=pl["rounds"], selected=int(plm["n_selected"]))
                 result["actors"] = pl.get("actors", [])
                 del pl  # as `raysl run` does: the labels are not held through the job
             with mon.stage(STAGES[2], n_u * cfg.train.epochs) as rec:

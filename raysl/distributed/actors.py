@@ -86,14 +86,22 @@ class RayExecutor:
             self._call = (call.token, ray.put(call))
         return self._call[1]
 
-    def label(self, call: LabelCall, ys: list[np.ndarray]) -> list[ShardLabels]:
+    def label(self, call: LabelCall, ys: list[np.ndarray]
+              ) -> list[tuple[ShardLabels, ray.ObjectRef]]:
+        """Each actor's summary (fetched) and a reference to its rows' columns, left in the
+        object store (the driver holds references, not rows)."""
         ref = self._put(call)
-        return ray.get([a.label.remote(ref, y) for a, y in zip(self.actors, ys, strict=True)])
+        pairs = [a.label.options(num_returns=2).remote(ref, y)
+                 for a, y in zip(self.actors, ys, strict=True)]
+        summaries = ray.get([p[0] for p in pairs])
+        return [(s, p[1]) for s, p in zip(summaries, pairs, strict=True)]
 
     def aligned(self, call: LabelCall, p_model: np.ndarray, prior: np.ndarray
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
+                ) -> list[ray.ObjectRef]:
         ref = self._put(call)
-        return ray.get([a.aligned.remote(ref, p_model, prior) for a in self.actors])
+        refs = [a.aligned.remote(ref, p_model, prior) for a in self.actors]
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # done before the actors go
+        return refs
 
     def memory(self) -> list[dict[str, Any]]:
         """Each actor's :meth:`_ShardActor.memory`."""

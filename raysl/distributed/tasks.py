@@ -1,8 +1,10 @@
-"""Generator functions as Ray tasks whose yielded items stream back to the driver."""
+"""Ray tasks the pipeline runs: generator functions whose yielded items stream back to the
+driver, and small functions on the parts of the pool's columns (:mod:`raysl.columns`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from raysl.config import RayConfig
@@ -32,3 +34,33 @@ def stream(fn: Callable[..., Iterator[Any]], calls: list[tuple[Any, ...]], num_c
     finally:
         if started:
             ray.shutdown()
+
+
+def _on_part(fn: Callable[..., Any], i: int, offset: int, kwargs: dict[str, Any],
+             *objs: dict[str, Any]) -> Any:
+    from raysl.columns import merged
+
+    return fn(i, offset, merged(objs), **kwargs)
+
+
+@functools.cache
+def _part_task() -> Any:
+    import ray
+
+    from raysl.distributed.pool import TASK_OPTIONS
+
+    return ray.remote(**TASK_OPTIONS)(_on_part)
+
+
+def map_parts(fn: Callable[..., Any], parts: Sequence[Sequence[Any]], offsets: Sequence[int],
+              kwargs: dict[str, Any], fetch: bool = True) -> list[Any]:
+    """``fn(i, offsets[i], columns, **kwargs)`` for every part i of
+    :class:`raysl.columns.PoolColumns` as a light Ray task, where the part's objects are (Ray
+    resolves the refs among ``parts[i]`` into their dicts); the results, or their refs when
+    not ``fetch``."""
+    import ray
+
+    task = _part_task()
+    refs = [task.remote(fn, i, off, kwargs, *objs)
+            for i, (off, objs) in enumerate(zip(offsets, parts, strict=True))]
+    return ray.get(refs) if fetch else refs

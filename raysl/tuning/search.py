@@ -18,7 +18,7 @@ Layout of ``out/``::
 
     search.json            the base config and space (a re-run must match it to resume; the
                            resource keys, raysl.stages.RESOURCE_KEYS, may differ)
-    shared/cache/          proba-<backend>-<key>.npz: every backend fit of the search
+    shared/cache/          labels-<backend>-<key>/: every backend fit of the search
     shared/<key>/          baseline/, and cache/ with hard links (or copies) of the backend
                            fits used with it: `raysl run --config best.yaml --out` this dir
                            replays the best trial from the same fits
@@ -131,7 +131,10 @@ def _upstream(cfg: Config, root: Path, split: Split | None = None, use_ray: bool
     pl = pipeline.pseudo_label(split, cfg, sdir, state, use_ray=use_ray, cache_dir=cache)
     for rec in pl.get("ranked", [pl]):  # every candidate of backend.name=auto
         # the file name pipeline.pseudo_label gives its cache
-        _link_into(cache / f"proba-{rec['backend']}-{rec['key']}.npz", sdir / "cache")
+        fit = pipeline.cache_path(cache, rec["backend"], rec["key"])
+        # meta.npz last: with it, the folder reads as a whole cache
+        for f in sorted(fit.glob("*.npz"), key=lambda f: (f.name == "meta.npz", f.name)):
+            _link_into(f, sdir / "cache" / fit.name)
     return split, base, pl, sdir
 
 
