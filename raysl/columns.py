@@ -77,6 +77,11 @@ class PoolColumns:
         got = self.map(_columns, names=names)
         return tuple(np.concatenate([g[k] for g in got]) for k in range(len(names)))
 
+    def row_columns(self, names: dict[str, str]) -> RowColumns:
+        """Columns ``names`` (output -> column) of every row, for the ranks
+        (:class:`RowColumns`)."""
+        return RowColumns(self.parts, names, None, self.offsets, len(self))
+
     def save(self, directory: Path) -> None:
         """Each part's columns (but ``row`` and ``y``, the split's) as
         ``directory/part-<i>.npz``, written where the part is."""
@@ -195,11 +200,53 @@ class PoolSelection:
         mask = np.concatenate(self.pool.map(_mask, rule=self.rule, names=self.names))
         return Selection(mask, labels, conf)
 
+    def row_columns(self, names: dict[str, str]) -> RowColumns:
+        """The kept rows' columns ``names`` (output -> ``label``/``conf``/...) for the ranks
+        (:class:`RowColumns`): each shard counts its kept rows, nothing else comes here."""
+        counts = [int(c) for c in self.pool.map(_count, rule=self.rule, names=self.names)]
+        return RowColumns(self.pool.parts, names, self.rule,
+                          tuple(int(b) for b in np.cumsum([0, *counts[:-1]])), sum(counts),
+                          self.names)
+
     def write_parquet(self, directory: Path, backend: str) -> None:
         """``directory/part-<i>.parquet`` per shard, written where its part is: columns
         ``row``, ``label``, ``confidence``, ``backend``, ``selected``."""
         self.pool.map(_write_parquet, rule=self.rule, names=self.names,
                       directory=str(directory), backend=backend)
+
+
+# -- columns that travel with the rows to the Ray Train ranks -------------------------------
+
+@dataclass(frozen=True, eq=False)
+class RowColumns:
+    """Per-row columns of the pool that a rank reads with its share of the rows
+    (``raysl.distributed.pool.RemoteRows.rank_datasets``), so the driver never gathers them:
+    ``names`` maps each output column to a column of ``parts`` (:class:`PoolColumns`'
+    parts); ``rule``: the rows are only those a selection keeps (None: every row), ``before``
+    the kept rows in the shards before each, ``n`` all of them."""
+
+    parts: tuple[tuple[Any, ...], ...]
+    names: dict[str, str]
+    rule: Rule | None
+    before: tuple[int, ...]
+    n: int
+    rule_names: tuple[str, str] = ("label", "conf")  # the columns the rule reads
+
+
+def share_of(keys: np.ndarray, offset: int, mask: np.ndarray | None, before: int, n: int,
+             rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows at pool positions ``keys`` (k,) of a shard that starts at ``offset`` and keeps
+    ``mask`` (n_i,) of its rows (None: all), ``before`` rows kept ahead of it, ``n`` in all:
+    which of them are in rank ``rank``'s share of the ``n`` (:func:`raysl.data.rank_share`)
+    (k,) bool, and their index in that share (k,) int64 (meaningless where not)."""
+    local = np.asarray(keys, np.int64) - offset
+    if mask is None:
+        hit, g = np.ones(len(local), bool), before + local
+    else:
+        hit, g = mask[local], (before + np.cumsum(mask) - 1)[local]
+    if n >= world:
+        return hit & (g % world == rank), g // world
+    return hit, g
 
 
 def _on_labels(i: int, offset: int, cols: Columns, count: Callable[..., Any],
@@ -224,6 +271,10 @@ def _kept(i: int, offset: int, cols: Columns, rule: Rule, names: tuple[str, str]
     m = rule.mask(labels, conf, offset)
     return [offset + np.flatnonzero(m), labels[m].astype(np.int64),
             conf[m].astype(np.float32)]
+
+
+def _count(i: int, offset: int, cols: Columns, rule: Rule, names: tuple[str, str]) -> int:
+    return int(rule.mask(cols[names[0]], cols[names[1]], offset).sum())
 
 
 def _digest(i: int, offset: int, cols: Columns, rule: Rule, names: tuple[str, str]) -> str:

@@ -254,7 +254,7 @@ def train_stage(stage: str, split: Split, cfg: Config, out: Path, data: TrainDat
     where = (f"{cfg.train.num_workers} Ray Train worker(s)" if cfg.ray.enabled
              else "in this process")
     logger.info("[%s] training: %d labeled + %d pseudo-labeled rows, %d epochs, %s", stage,
-                len(data.y_l), len(data.y_p), cfg.train.epochs, where)
+                len(data.y_l), len(data.x_p), cfg.train.epochs, where)
     if cfg.ray.enabled:
         from raysl.distributed.trainer import train_classifier
 
@@ -621,21 +621,45 @@ def joint(split: Split, cfg: Config, out: Path, sel: PoolSelection, stage: str =
     # Keyed by the selection's content, so `raysl train` after `raysl pseudo-label` finds the
     # same cached result as `raysl run`.
     sel_key = sel.digest()
-    kept, y_p, w_p = sel.kept()
-    m = np.zeros(len(split.x_u), bool)
-    m[kept] = True
-    # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
-    online: dict[str, Any] = {}
-    if cfg.train.fixmatch:
-        online = {"x_u": split.x_u, "y_u": split.y_u}
-        if cfg.train.offline == "prior" and len(kept):  # every row's label, kept or not
-            prior_label, prior_conf = sel.every()
-            online.update(prior_label=prior_label, prior_conf=prior_conf)
-    data = TrainData(split.x_l, split.y_l, split.x_u[m], y_p, w_p, split.x_val, split.y_val,
-                     len(split.x_u), **online)
+    if isinstance(split.x_u, Remote) and sel.pool.remote and cfg.ray.enabled:
+        data = _remote_train_data(split, cfg, sel)
+    else:
+        kept, y_p, w_p = sel.kept()
+        m = np.zeros(len(split.x_u), bool)
+        m[kept] = True
+        # train.fixmatch labels the whole unlabeled pool online; y_u only measures those labels
+        online: dict[str, Any] = {}
+        if cfg.train.fixmatch:
+            online = {"x_u": split.x_u, "y_u": split.y_u}
+            if cfg.train.offline == "prior" and len(kept):  # every row's label, kept or not
+                prior_label, prior_conf = sel.every()
+                online.update(prior_label=prior_label, prior_conf=prior_conf)
+        data = TrainData(split.x_l, split.y_l, split.x_u[m], y_p, w_p, split.x_val,
+                         split.y_val, len(split.x_u), **online)
     key = cache_key("joint", split.key, config_part("joint", cfg), sel_key)
     trim()  # the selection's transient per-row arrays, before the job starts (raysl.memory)
     return train_stage(stage, split, cfg, out, data, key, **train_kwargs)
+
+
+def _remote_train_data(split: Split, cfg: Config, sel: PoolSelection) -> TrainData:
+    """The joint job's data when the pool's rows and its labels are both in the object store:
+    the kept rows' labels and confidences (and, with ``train.offline=prior``, every row's) are
+    read by each rank with its share of the rows (:class:`raysl.columns.RowColumns`), so the
+    driver gathers none of them; ``y_p`` and ``w_p`` are empty here."""
+    from raysl.distributed.pool import RemoteRows
+
+    assert isinstance(split.x_u, RemoteRows)
+    x_p = split.x_u.with_columns(sel.row_columns({"y_p": sel.names[0], "w_p": sel.names[1]}))
+    online: dict[str, Any] = {}
+    if cfg.train.fixmatch:
+        x_u = split.x_u
+        if cfg.train.offline == "prior" and len(x_p):  # every row's label, kept or not
+            x_u = x_u.with_columns(sel.pool.row_columns(
+                {"prior_label": sel.names[0], "prior_conf": sel.names[1]}))
+        online = {"x_u": x_u, "y_u": split.y_u}
+    none = np.zeros(0)
+    return TrainData(split.x_l, split.y_l, x_p, none.astype(np.int64), none.astype(np.float32),
+                     split.x_val, split.y_val, len(split.x_u), **online)
 
 
 def relabel_rounds(split: Split, cfg: Config, out: Path) -> tuple[str, list[dict]]:
@@ -674,7 +698,8 @@ def selection(split: Split, cfg: Config, rec: dict[str, Any]) -> tuple[PoolSelec
     tv = (total_variation(np.asarray(kept) / sum(kept), prior) if sum(kept)
           else float("nan"))
     m.update(backend=rec["backend"], criterion=s.criterion, threshold=s.threshold,
-             tv_distance=tv)
+             tv_distance=tv,
+             labels="object store" if sel.pool.remote else "driver")  # where they stay
     return sel, m
 
 

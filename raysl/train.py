@@ -64,20 +64,31 @@ class TrainData:
     prior_conf: np.ndarray | None = None  # (n_u,) float32
 
     def for_rank(self, rank: int, world_size: int,
-                 read: Callable[[str, np.ndarray], np.ndarray]) -> TrainData:
+                 read: Callable[[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]
+                 ) -> TrainData:
         """This data as rank ``rank`` trains on it: the row fields left in Ray's object store
         (``x_p``, ``x_u`` of a split read by :func:`raysl.distributed.pool.distribute`) become
         :class:`RankRows` of this rank's share (:func:`raysl.data.rank_share`), whose
         rows ``read(field, positions)`` returns (Ray Train: the rank's dataset shard); arrays
-        stay as they are."""
+        stay as they are. ``read`` may return a dict: the rows as ``x`` and per-row fields
+        read with them (``y_p``, ``w_p`` with ``x_p``; ``y_u``, ``prior_label``,
+        ``prior_conf`` with ``x_u``), which become :class:`RankRows` of the share too."""
+        fields: dict[str, Any] = {}
+
         def local(field: str) -> Any:
             x = getattr(self, field)
             if not isinstance(x, Remote):
                 return x
             share = rank_share(len(x), rank, world_size)
-            return RankRows(read(field, share), share, len(x))
+            got = read(field, share)
+            if isinstance(got, dict):
+                fields.update({k: RankRows(v, share, len(x)) for k, v in got.items()
+                               if k != "x"})
+                got = got["x"]
+            return RankRows(got, share, len(x))
 
-        return replace(self, x_p=local("x_p"), x_u=None if self.x_u is None else local("x_u"))
+        x_p, x_u = local("x_p"), None if self.x_u is None else local("x_u")
+        return replace(self, x_p=x_p, x_u=x_u, **fields)
 
 
 class RankRows:

@@ -58,6 +58,10 @@ def main(out: str) -> None:
             "train.epochs": 2, "train.min_steps": 0, "train.num_workers": 2,
             "train.cpus_per_worker": 1,
             "backend.actor_cpus": 1, "data.n_shards": 2, "backend.gmm.max_iter": 5,
+            # per class: the kept labels follow the labeled prior, so the guard (which stops
+            # this 5-round gmm's lopsided threshold selection) lets them into the joint job,
+            # planned by the radix select over both nodes' shards
+            "select.criterion": "per_class",
             # the ranks and shard actors keep their rows in file-backed arrays, as a pool too
             # large for their memory would (on this small data `auto` keeps them on the heap)
             "train.share_storage": "disk", "backend.shard_storage": "disk"})

@@ -302,3 +302,52 @@ def test_pool_labels_stay_in_the_object_store_and_select_as_in_this_process(
     pipeline.write_pseudo_labels(tmp_path / "pl.parquet", rs.nothing(), "gmm")  # replaces it
     assert not any(pq.read_table(tmp_path / "pl.parquet").to_pydict()["selected"])
     assert not list(tmp_path.glob(".pl.parquet*")), "temporary folders left behind"
+
+
+@pytest.mark.parametrize("criterion", ["threshold", "per_class"])
+def test_a_rank_reads_the_kept_rows_with_their_labels_from_where_they_are(
+        criterion: str) -> None:
+    """The joint job's kept rows, when the pool and its labels are both in the object store:
+    each rank's dataset holds its share of the kept rows (every world-th, as
+    raysl.data.rank_share) with their labels and confidences, read from the shards' parts by
+    the rule (the driver holds no per-row array); and every row's labels ride with the pool
+    (train.offline=prior). The same as masking the gathered arrays, for 1, 2 and 3 ranks."""
+    import ray
+
+    from raysl.columns import PoolSelection, split_columns
+    from raysl.data import rank_share, shard_bounds
+    from raysl.distributed.pool import RemoteRows, share_from_batches
+
+    rng = np.random.default_rng(3)
+    n, n_classes = 301, 4
+    x = rng.random((n, 2, 3)).astype(np.float32)
+    labels = rng.integers(0, n_classes, n)
+    conf = rng.random(n).astype(np.float32)
+    bounds = shard_bounds(n, 3)
+    # two stored parts per shard, their keys interleaved (as blocks routed to a shard are)
+    parts = tuple(tuple(ray.put({"key": np.arange(a, b)[j::2], "x": x[a:b][j::2]})
+                        for j in range(2)) for a, b in bounds)
+    rows = RemoteRows(parts, tuple(bounds), (2, 3))
+    pool = split_columns(np.arange(n), np.full(n, -1), bounds, put=ray.put).join(
+        [ray.put({"label": labels[a:b], "conf": conf[a:b]}) for a, b in bounds])
+    sel = PoolSelection.plan(pool, n_classes, criterion, 0.6, 100, None, 0.3, False)
+    kept, y_p, w_p = sel.kept()
+    assert 0 < len(kept) < n
+    x_p = rows.with_columns(sel.row_columns({"y_p": "label", "w_p": "conf"}))
+    x_u = rows.with_columns(pool.row_columns({"prior_label": "label"}))
+    assert len(x_p) == len(kept) and len(x_u) == n
+    np.testing.assert_array_equal(x_p.fetch(), x[kept])
+    for world in (1, 2, 3):
+        for rank, (dp, du) in enumerate(zip(x_p.rank_datasets(world), x_u.rank_datasets(world),
+                                            strict=True)):
+            share = rank_share(len(kept), rank, world)
+            got = share_from_batches(dp.iter_batches(batch_size=None, batch_format="numpy"),
+                                     len(share), (2, 3))
+            np.testing.assert_array_equal(got["x"], x[kept[share]])
+            np.testing.assert_array_equal(got["y_p"], y_p[share])
+            np.testing.assert_array_equal(got["w_p"], w_p[share])
+            share = rank_share(n, rank, world)
+            got = share_from_batches(du.iter_batches(batch_size=None, batch_format="numpy"),
+                                     len(share), (2, 3))
+            np.testing.assert_array_equal(got["x"], x[share])
+            np.testing.assert_array_equal(got["prior_label"], labels[share])

@@ -589,3 +589,40 @@ def test_read_tasks_one_per_file_but_small_files_grouped() -> None:
     assert read_tasks(10_000, 10_000 * 1e6, 2) == 597  # 10 GB in 1 MB files: 16 MiB a task
     assert read_tasks(3, None, 2) == 3  # size unknown: a task per file
     assert read_tasks(1, 0, 8) == 1
+
+
+@needs_ray
+def test_the_joint_job_trains_the_same_with_labels_read_where_they_are(
+        wine: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    """A user's files on Ray: the kept rows' labels and confidences stay in the object store
+    and each rank reads them with its rows; the model is bit for bit the one trained from the
+    same labels gathered on the driver (and the kept count is the same)."""
+    import ray
+
+    from raysl import pipeline
+    from raysl.columns import PoolColumns, PoolSelection, merged
+    from raysl.config import Config, apply_overrides
+    from raysl.readers import plan
+
+    spec = str(wine[0] / "parts")
+    cfg = apply_overrides(Config(), {"data.dataset": spec, "backend.name": "gmm",
+                                     "backend.gmm.max_iter": 5, "select.criterion": "per_class",
+                                     "train.epochs": 2, "train.min_steps": 0,
+                                     "train.num_workers": 2, "train.cpus_per_worker": 0.5})
+    p = plan(cfg.data)
+    assert p is not None
+    split = pipeline.prepare(p.split(spec, cfg.data), cfg)
+    pl = pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)
+    sel, m = pipeline.selection(split, cfg, pl)
+    assert sel.pool.remote and 0 < m["n_selected"] < len(split.x_u)
+    here = PoolColumns(tuple((merged([ray.get(o) for o in part]),) for part in sel.pool.parts),
+                       sel.pool.sizes)
+    gathered = PoolSelection(here, sel.rule, sel.aligned)
+    runs = [pipeline.joint(split, cfg, tmp_path / name, s, verbose=False)
+            for name, s in (("remote", sel), ("gathered", gathered))]
+    assert [r["rank_rows"][0]["with_rows"] for r in runs] == [["w_p", "y_p"], []]
+    assert [sum(r["x_p"] for r in run["rank_rows"]) for run in runs] == [m["n_selected"]] * 2
+    a, b = (pipeline.load_state(tmp_path / name / "joint" / "model.pt")
+            for name in ("remote", "gathered"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

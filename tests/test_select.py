@@ -303,3 +303,31 @@ def test_rank_keys_order_rows_by_confidence_then_position() -> None:
     np.testing.assert_array_equal(np.argsort(keys), [1, 0, 3, 5, 2, 4])
     with pytest.raises(ValueError, match="at most"):
         rank_keys(conf, (1 << 31) - 2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 500])
+def test_share_of_places_a_shards_rows_in_a_ranks_share_of_the_kept_rows(world: int) -> None:
+    """A shard's rows' places in a rank's share of the kept rows, worked out from the shard's
+    mask and the kept count before it alone, are those of raysl.data.rank_share over the
+    kept rows' positions (and of every row without a mask)."""
+    from raysl.columns import share_of
+    from raysl.data import find_sorted, rank_share, shard_bounds
+
+    rng = np.random.default_rng(world)
+    n = 200
+    keep = rng.random(n) < 0.4
+    kept = np.flatnonzero(keep)
+    for mask_all in (keep, None):
+        rows = kept if mask_all is not None else np.arange(n)
+        for rank in range(min(world, 4)):
+            want = rows[rank_share(len(rows), rank, world)]
+            before = 0
+            for a, b in shard_bounds(n, 3):
+                keys = rng.permutation(np.arange(a, b))  # in any order
+                m = None if mask_all is None else keep[a:b]
+                hit, at = share_of(keys, a, m, before if m is not None else a, len(rows),
+                                   rank, world)
+                before += int(keep[a:b].sum())
+                pos, in_want = find_sorted(want, keys)
+                np.testing.assert_array_equal(hit, in_want)
+                np.testing.assert_array_equal(at[hit], pos[in_want])

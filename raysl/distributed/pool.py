@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
+from raysl.columns import RowColumns
 from raysl.config import DataConfig
 from raysl.data import (
     Dataset,
@@ -131,8 +132,12 @@ class RemoteRows:
     row_shape: tuple[int, ...]
     keep: np.ndarray | None = None  # sorted keys of the rows kept (None: all)
     transform: Standardizer | None = None
+    # per-row columns read with the rows (and, with a rule, the rows a selection keeps)
+    columns: RowColumns | None = None
 
     def __len__(self) -> int:
+        if self.columns is not None and self.columns.rule is not None:
+            return self.columns.n
         if self.keep is not None:
             return len(self.keep)
         return sum(b - a for a, b in self.bounds)
@@ -146,7 +151,19 @@ class RemoteRows:
 
     def keys(self) -> np.ndarray:
         """The keys of these rows, in order (n,)."""
+        if self.columns is not None and self.columns.rule is not None:
+            raise ValueError("the rows a selection keeps are known where they are, not here")
         return self.keep if self.keep is not None else _bound_keys(self.bounds)
+
+    def with_columns(self, columns: RowColumns) -> RemoteRows:
+        """These rows (all of them: no mask applied) with ``columns`` read alongside, and
+        only the rows its rule keeps when it has one; each rank's dataset then has those
+        columns too (:meth:`rank_datasets`). The pool's columns are in the same shards."""
+        if self.keep is not None or len(columns.parts) != len(self.parts):
+            raise ValueError(f"columns in {len(columns.parts)} shards for rows in "
+                             f"{len(self.parts)} shards" if self.keep is None else
+                             "columns go with all of the rows, not a mask of them")
+        return replace(self, columns=columns)
 
     def __getitem__(self, mask: np.ndarray) -> RemoteRows:
         mask = np.asarray(mask)
@@ -157,13 +174,13 @@ class RemoteRows:
     def rank_datasets(self, world: int) -> list[ray.data.Dataset]:
         """For each rank of ``world``, its share of these rows
         (:func:`raysl.data.rank_share`) as a Ray Dataset with columns ``i`` (the row's
-        index in the share) and ``x`` (float32 rows, transformed): one task per stored part,
-        which reads the part where it lives and keeps the rank's rows. Lazy: nothing is read
-        until a rank iterates its dataset. The driver adds no per-row array to them: the
-        tasks work the shares out from the bounds, or from the kept keys put once."""
+        index in the share), ``x`` (float32 rows, transformed) and those of
+        :attr:`columns`: one task per stored part, which reads the part where it lives (and
+        its shard's columns) and keeps the rank's rows. Lazy: nothing is read until a rank
+        iterates its dataset. The driver adds no per-row array to them: the tasks work the
+        shares out from the bounds, the kept keys put once, or the selection's rule."""
         import ray.data
 
-        keep = None if self.keep is None else ray.put(self.keep)
         parts = [r for group in self.parts for r in group]
         out = []
         for rank in range(world):
@@ -172,10 +189,16 @@ class RemoteRows:
             out.append(ds.map_batches(
                 _part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
                 compute=ray.data.TaskPoolStrategy(size=max(1, min(_READ_TASKS, len(parts)))),
-                fn_kwargs={"parts": parts, "bounds": self.bounds, "keep": keep, "rank": rank,
-                           "world": world, "transform": self.transform,
-                           "row_shape": self.row_shape}))
+                fn_kwargs=self._read_args(rank, world)))
         return out
+
+    def _read_args(self, rank: int, world: int) -> dict[str, Any]:
+        """:func:`_part_rows`' arguments for rank ``rank`` of ``world``."""
+        return {"parts": [r for group in self.parts for r in group],
+                "shard_of": [i for i, group in enumerate(self.parts) for _ in group],
+                "bounds": self.bounds, "keep": None if self.keep is None else ray.put(self.keep),
+                "rank": rank, "world": world, "transform": self.transform,
+                "row_shape": self.row_shape, "columns": self.columns}
 
     def shards(self, n: int) -> list[RemoteRows]:
         """The ``n`` shards the rows were routed to (``n`` must be that number)."""
@@ -190,8 +213,17 @@ class RemoteRows:
     def fetch(self, on_disk: bool = False) -> np.ndarray:
         """The rows as one array ``(n, *row_shape)``, read from the store (where it runs);
         ``on_disk``: file-backed (:func:`assemble`)."""
+        if self.columns is not None:  # the rows as one rank of one reads them
+            return self.fetch_columns(on_disk)["x"]
         parts = ray.get([r for group in self.parts for r in group])
         return assemble(parts, self.row_shape, self.keep, self.transform, on_disk)
+
+    def fetch_columns(self, on_disk: bool = False) -> dict[str, np.ndarray]:
+        """The rows (``x``) and :attr:`columns`, each one array in order, read here."""
+        args = self._read_args(0, 1)
+        batches = (_part_rows({"part": np.array([i])}, **args) for i in range(len(args["parts"])))
+        return share_from_batches(batches, len(self), self.row_shape, on_disk,
+                                  list(self.columns.names) if self.columns else [])
 
     def blocks(self, rows: int | None = None) -> Iterator[np.ndarray]:
         """The rows in order, ``rows`` at a time (the last block shorter): float32
@@ -238,38 +270,72 @@ def _bound_keys(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in bounds] or [np.zeros(0, np.int64)])
 
 
-def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef],
+def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef], shard_of: list[int],
                bounds: tuple[tuple[int, int], ...], keep: ray.ObjectRef | None, rank: int,
-               world: int, transform: Standardizer | None, row_shape: tuple[int, ...]
-               ) -> dict[str, np.ndarray]:
+               world: int, transform: Standardizer | None, row_shape: tuple[int, ...],
+               columns: RowColumns | None = None) -> dict[str, np.ndarray]:
     """:meth:`RemoteRows.rank_datasets`' read: the rows of part ``batch["part"][0]`` in rank
-    ``rank``'s share, as ``{"i": their indices in the share, "x": the rows}``."""
-    keys = np.asarray(ray.get(keep)) if keep is not None else _bound_keys(bounds)
-    want = keys[rank_share(len(keys), rank, world)]
-    part = ray.get(parts[int(batch["part"][0])])
-    at, hit = find_sorted(want, part["key"])
+    ``rank``'s share, as ``{"i": their indices in the share, "x": the rows}`` and the
+    columns of ``columns`` (read from the part's shard's columns, where they are)."""
+    p = int(batch["part"][0])
+    part = ray.get(parts[p])
+    extra: dict[str, np.ndarray] = {}
+    if columns is not None:
+        from raysl.columns import merged, share_of
+
+        s = shard_of[p]
+        cols = merged([ray.get(o) if isinstance(o, ray.ObjectRef) else o
+                       for o in columns.parts[s]])
+        mask = (None if columns.rule is None else columns.rule.mask(
+            cols[columns.rule_names[0]], cols[columns.rule_names[1]], bounds[s][0]))
+        hit, at = share_of(part["key"], bounds[s][0], mask, columns.before[s], columns.n,
+                           rank, world)
+        local = part["key"][hit] - bounds[s][0]
+        extra = {out: np.asarray(cols[name])[local] for out, name in columns.names.items()}
+        at = at[hit]
+    else:
+        keys = np.asarray(ray.get(keep)) if keep is not None else _bound_keys(bounds)
+        want = keys[rank_share(len(keys), rank, world)]
+        at, hit = find_sorted(want, part["key"])
+        at = at[hit]
     x = np.empty((int(hit.sum()), *row_shape), np.float32)
     _put_rows(x, np.arange(len(x)), part["x"][hit])
     if transform is not None:
         x = np.asarray(transform(x), np.float32)
-    return {"i": at[hit], "x": x}
+    return {"i": at, "x": x, **extra}
+
+
+def share_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
+                       row_shape: tuple[int, ...], on_disk: bool = False,
+                       columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The ``n`` rows ``x`` ``(n, *row_shape)`` float32 of the batches of a dataset of
+    :meth:`RemoteRows.rank_datasets`, each put at its index, and the batches' other columns
+    (n,) likewise (``columns``: those expected, there even when no batch came); an error when
+    any row is missing (a short read). ``on_disk``: the rows in a file-backed array
+    (:func:`raysl.memory.disk_array`), not on the heap."""
+    out = {"x": disk_array((n, *row_shape)) if on_disk
+           else np.empty((n, *row_shape), np.float32)}
+    seen = np.zeros(n, bool)
+    for b in batches:
+        i = np.asarray(b["i"], np.int64)
+        for k, v in b.items():
+            if k == "i":
+                continue
+            if k not in out:
+                out[k] = np.empty(n, np.asarray(v).dtype)
+            out[k][i] = v
+        seen[i] = True
+    if not seen.all():
+        raise RuntimeError(f"read {int(seen.sum())} of {n} rows from the dataset shard")
+    for k in columns:  # no rows, so no batch said its type
+        out.setdefault(k, np.zeros(0))
+    return out
 
 
 def rows_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
                       row_shape: tuple[int, ...], on_disk: bool = False) -> np.ndarray:
-    """The ``n`` rows ``(n, *row_shape)`` float32 of the batches of a dataset of
-    :meth:`RemoteRows.rank_datasets`, each put at its index; an error when any row is missing
-    (a short read). ``on_disk``: in a file-backed array (:func:`raysl.memory.disk_array`),
-    not on the heap."""
-    out = disk_array((n, *row_shape)) if on_disk else np.empty((n, *row_shape), np.float32)
-    seen = np.zeros(n, bool)
-    for b in batches:
-        i = np.asarray(b["i"], np.int64)
-        out[i] = b["x"]
-        seen[i] = True
-    if not seen.all():
-        raise RuntimeError(f"read {int(seen.sum())} of {n} rows from the dataset shard")
-    return out
+    """The rows ``x`` of :func:`share_from_batches`."""
+    return share_from_batches(batches, n, row_shape, on_disk)["x"]
 
 
 # The tasks below read their shard a block of rows at a time: their memory does not grow with
@@ -462,4 +528,4 @@ def _check_rows(name: str, ids_sorted: np.ndarray, row_shape: tuple[int, ...], d
                         f"(first: {rows[:5].tolist()}); features must be finite")
 
 
-__all__ = ["RemoteRows", "assemble", "distribute", "rows_from_batches"]
+__all__ = ["RemoteRows", "assemble", "distribute", "rows_from_batches", "share_from_batches"]

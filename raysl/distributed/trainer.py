@@ -30,7 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from raysl.config import TrainConfig
-from raysl.distributed.pool import RemoteRows, rows_from_batches
+from raysl.distributed.pool import RemoteRows, share_from_batches
 from raysl.memory import keep_on_disk, process_memory
 from raysl.train import (
     RankRows,
@@ -95,19 +95,22 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     on_disk: list[str] = []
     read_seconds: dict[str, float] = {}
 
-    def read(field: str, share: np.ndarray) -> np.ndarray:
+    def read(field: str, share: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         # this rank's rows of a field left in the object store: its own dataset (see
         # _rank_datasets), read here through Ray Train; the other ranks' rows never come here
+        # (nor their labels: a selection's kept rows come with theirs, TrainData.for_rank)
         start = time.perf_counter()
         row_shape = getattr(data, field).row_shape
         disk = keep_on_disk(cfg.share_storage, (len(share), *row_shape))
         if disk:
             on_disk.append(field)
         shard = ray.train.get_dataset_shard(f"{field}-{rank}")
-        rows = rows_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
-                                 len(share), row_shape, on_disk=disk)
+        columns = getattr(data, field).columns
+        got = share_from_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
+                                 len(share), row_shape, on_disk=disk,
+                                 columns=list(columns.names) if columns else [])
         read_seconds[field] = round(time.perf_counter() - start, 3)
-        return rows
+        return got if len(got) > 1 else got["x"]
 
     data = data.for_rank(rank, world, read)
     device = ray.train.torch.get_device()
@@ -136,8 +139,12 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     # loop (its rows still held), for the record (the multi-node test, `raysl bench scale`)
     read_rows: dict[str, Any] = {
         f: len(x.rows) for f in ("x_p", "x_u") if isinstance(x := getattr(data, f), RankRows)}
+    # the per-row fields that came with the rows (a selection's labels: not from the driver)
+    with_rows = sorted(f for f in ("y_p", "w_p", "prior_label", "prior_conf")
+                       if isinstance(getattr(data, f), RankRows))
     mine = (ray.get_runtime_context().get_node_id(),
-            {**read_rows, "on_disk": on_disk, "read_seconds": read_seconds,
+            {**read_rows, "with_rows": with_rows, "on_disk": on_disk,
+             "read_seconds": read_seconds,
              "memory": process_memory()})
     ranks = [mine]
     if world > 1:
