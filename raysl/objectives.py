@@ -192,8 +192,8 @@ class FixMatch:
         self.gen, self.teacher, self.state = gen, teacher, ssl_state
         self.idx = rank_rows(len(data.x_u), steps, cfg, epoch, rank, world_size, keys=(3, 5))
         self.use_prior = cfg.offline == "prior" and data.prior_label is not None
-        # a copy: arrays from the object store are read-only, which torch warns about
-        self.y_u = torch.from_numpy(np.array(data.y_u)) if data.y_u is not None else None
+        # the rank's rows' true labels (an array, or the rank's share read with its rows)
+        self.y_u = data.y_u
         # kept, correct among kept, known among kept, correct, known, all (label accuracy)
         self.counts = np.zeros(6)
         self.total = 0.0
@@ -245,7 +245,8 @@ class FixMatch:
         if self.y_u is None:
             self.counts += [kept.sum().item(), 0, 0, 0, 0, len(kept)]
             return
-        truth = self.y_u[iu]
+        # a copy: arrays from the object store are read-only, which torch warns about
+        truth = torch.from_numpy(np.array(self.y_u[iu.numpy()]))
         known = (truth >= 0).float()
         right = (pseudo.cpu() == truth).float() * known
         self.counts += [kept.sum().item(), (right * kept).sum().item(),

@@ -542,10 +542,11 @@ def _write_cache(path: Path, pool: PoolColumns, **meta: Any) -> None:
     try:
         pool.save(tmp)
         write_npz(tmp / "meta.npz", **meta)
-        if path.exists():  # a concurrent fit of the same key finished first: same content
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, path)
+        except OSError:  # a concurrent fit of the same key finished first: same content
+            if not (path / "meta.npz").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -643,20 +644,20 @@ def joint(split: Split, cfg: Config, out: Path, sel: PoolSelection, stage: str =
 
 def _remote_train_data(split: Split, cfg: Config, sel: PoolSelection) -> TrainData:
     """The joint job's data when the pool's rows and its labels are both in the object store:
-    the kept rows' labels and confidences (and, with ``train.offline=prior``, every row's) are
-    read by each rank with its share of the rows (:class:`raysl.columns.RowColumns`), so the
-    driver gathers none of them; ``y_p`` and ``w_p`` are empty here."""
+    the kept rows' labels and confidences (and, with FixMatch, every row's true label where
+    known; with ``train.offline=prior`` its backend label and confidence) are read by each
+    rank with its share of the rows (:class:`raysl.columns.RowColumns`), so neither the
+    driver nor a rank holds them for all rows; ``y_p`` and ``w_p`` are empty here."""
     from raysl.distributed.pool import RemoteRows
 
     assert isinstance(split.x_u, RemoteRows)
     x_p = split.x_u.with_columns(sel.row_columns({"y_p": sel.names[0], "w_p": sel.names[1]}))
     online: dict[str, Any] = {}
-    if cfg.train.fixmatch:
-        x_u = split.x_u
+    if cfg.train.fixmatch:  # y_u: the rows' true labels where known, to measure FixMatch's
+        names = {"y_u": "y"}
         if cfg.train.offline == "prior" and len(x_p):  # every row's label, kept or not
-            x_u = x_u.with_columns(sel.pool.row_columns(
-                {"prior_label": sel.names[0], "prior_conf": sel.names[1]}))
-        online = {"x_u": x_u, "y_u": split.y_u}
+            names.update(prior_label=sel.names[0], prior_conf=sel.names[1])
+        online = {"x_u": split.x_u.with_columns(sel.pool.row_columns(names))}
     none = np.zeros(0)
     return TrainData(split.x_l, split.y_l, x_p, none.astype(np.int64), none.astype(np.float32),
                      split.x_val, split.y_val, len(split.x_u), **online)

@@ -317,9 +317,10 @@ def test_two_nodes_share_actors_and_train_workers(tmp_path: Path) -> None:
     assert [s["x_p"] for s in shares] == [(kept + 1) // 2, kept // 2], (shares, kept)
     assert [s["x_u"] for s in shares] == [(pool + 1) // 2, pool // 2], (shares, pool)
     assert all(s["on_disk"] == ["x_p", "x_u"] for s in shares), shares  # share_storage=disk
-    # the pool's labels stayed in the object store; each rank read its kept rows' with them
+    # the pool's labels stayed in the object store; each rank read its kept rows' with them,
+    # and its pool rows' true labels (FixMatch measures its online labels with them)
     assert m["pseudo_labels"]["labels"] == "object store"
-    assert all(s["with_rows"] == ["w_p", "y_p"] for s in shares), shares
+    assert all(s["with_rows"] == ["w_p", "y_p", "y_u"] for s in shares), shares
     assert all(set(s["read_seconds"]) == {"x_p", "x_u"} and min(s["read_seconds"].values()) > 0
                for s in shares), shares  # how long each read took, for bench scale
     actors = m["pseudo_labels"]["actors"]  # shard_storage=disk: each actor's shard on disk

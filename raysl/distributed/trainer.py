@@ -140,7 +140,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     read_rows: dict[str, Any] = {
         f: len(x.rows) for f in ("x_p", "x_u") if isinstance(x := getattr(data, f), RankRows)}
     # the per-row fields that came with the rows (a selection's labels: not from the driver)
-    with_rows = sorted(f for f in ("y_p", "w_p", "prior_label", "prior_conf")
+    with_rows = sorted(f for f in ("y_p", "w_p", "y_u", "prior_label", "prior_conf")
                        if isinstance(getattr(data, f), RankRows))
     mine = (ray.get_runtime_context().get_node_id(),
             {**read_rows, "with_rows": with_rows, "on_disk": on_disk,
