@@ -301,3 +301,5 @@ def _write_parquet(i: int, offset: int, cols: Columns, rule: Rule, names: tuple[
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+__all__ = ["PoolColumns", "PoolSelection", "RowColumns", "merged", "share_of", "split_columns"]

@@ -351,3 +351,20 @@ def test_a_rank_reads_the_kept_rows_with_their_labels_from_where_they_are(
                                      len(share), (2, 3))
             np.testing.assert_array_equal(got["x"], x[share])
             np.testing.assert_array_equal(got["prior_label"], labels[share])
+
+
+def test_a_corrupt_cache_part_read_by_a_task_is_refitted(split, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """On Ray the cache's parts are read by tasks: a truncated part is caught there (the
+    task's error wraps the reader's), reported, removed and refitted, with the same labels."""
+    cfg = apply_overrides(Config(), {"backend.name": "gmm", "backend.gmm.max_iter": 5,
+                                     "data.n_shards": 2})
+    first = pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)
+    (part,) = tmp_path.glob("cache/labels-gmm-*/part-00001.npz")
+    part.write_bytes(part.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="raysl"):
+        again = pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)
+    assert not again["cached"] and "corrupt or incomplete" in caplog.text
+    np.testing.assert_array_equal(again["pool"].gather("label")[0],
+                                  first["pool"].gather("label")[0])
+    assert pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)["cached"]
