@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary path beside the target, then rename.
+"""Atomic file writes: write to a temporary path beside the target, then rename (a file, or
+a folder of files: :func:`atomic_dir`).
 
 A crash mid-write leaves the previous file (or nothing), never a half-written one.
 """
@@ -29,6 +30,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it becomes ``path``, whole: an
+    existing ``path`` is replaced (moved aside, then removed), or with ``keep_existing`` kept
+    when one appears meanwhile (a concurrent writer of the same content finished first). On
+    an error, or after, no temporary folder is left."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as atomic_path's files: the umask's
+    try:
+        yield tmp
+        if keep_existing:
+            try:
+                os.replace(tmp, path)
+            except OSError:  # a non-empty folder is there: someone else's, whole
+                if not path.is_dir():
+                    raise
+            return
+        old = None
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

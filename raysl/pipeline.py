@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 import zipfile
@@ -69,7 +68,7 @@ from raysl.data import (
     shard_bounds,
 )
 from raysl.errors import ConfigError
-from raysl.io import sha256_file, write_json, write_npz, write_text, write_with
+from raysl.io import atomic_dir, sha256_file, write_json, write_npz, write_text, write_with
 from raysl.memory import trim
 from raysl.metrics import (
     ece_from_bins,
@@ -534,22 +533,11 @@ def _putter(use_ray: bool) -> Callable[[Any], Any] | None:
 
 def _write_cache(path: Path, pool: PoolColumns, **meta: Any) -> None:
     """The parts written where they are, then ``meta.npz``, into a temporary folder renamed
-    onto ``path``: a cache is whole or absent."""
-    import shutil
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    onto ``path``: a cache is whole or absent (a concurrent fit of the same key that
+    finished first is kept: the same content)."""
+    with atomic_dir(path, keep_existing=True) as tmp:
         pool.save(tmp)
         write_npz(tmp / "meta.npz", **meta)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # a concurrent fit of the same key finished first: same content
-            if not (path / "meta.npz").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_cache(path: Path, base: PoolColumns) -> dict[str, Any] | None:
@@ -596,22 +584,8 @@ def write_pseudo_labels(path: Path, sel: PoolSelection, backend: str) -> None:
     shard's labels are): columns ``row``, ``label``, ``confidence``, ``backend``,
     ``selected``. Written into a temporary folder and renamed onto ``path``, so a reader sees
     the old one whole or the new one whole."""
-    import shutil
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         sel.write_parquet(tmp, backend)
-        old = None
-        if path.exists() or path.is_symlink():
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def joint(split: Split, cfg: Config, out: Path, sel: PoolSelection, stage: str = "joint",

@@ -33,3 +33,28 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
         write_with(target, boom)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_atomic_dir_replaces_whole_keeps_a_concurrent_one_and_leaves_nothing_on_error(
+        tmp_path: Path) -> None:
+    from raysl.io import atomic_dir
+
+    out = tmp_path / "parts"
+    for content in ("first", "second"):  # a second write replaces the first, whole
+        with atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text(content)
+            if content == "first":
+                (tmp / "b.txt").write_text("only in the first")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert (out / "a.txt").read_text() == "second"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+    with atomic_dir(out, keep_existing=True) as tmp:  # one is there already: kept
+        (tmp / "a.txt").write_text("third")
+    assert (out / "a.txt").read_text() == "second"
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("broken")
+        raise RuntimeError("the writer failed")
+    assert (out / "a.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]  # no temporary left

@@ -252,14 +252,16 @@ def test_shard_actors_reserve_no_gpu_when_training_uses_one(split) -> None:
     assert done.wait(120), "the shard actors are waiting for a GPU"
 
 
-@pytest.mark.parametrize("n_shards", [1, 3])
 def test_pool_labels_stay_in_the_object_store_and_select_as_in_this_process(
-        split, tmp_path: Path, n_shards: int) -> None:
+        split, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """On Ray actors the pool's labels and confidences stay in the object store (the driver
     holds one reference per shard and part) and every selection over them, planned and
     measured by tasks, keeps the rows and gives the figures the same selection in this
     process does, for every criterion, aligned or not; the cache read back on Ray stays
-    remote too, and `pseudo_labels.parquet`'s parts (written by tasks) hold the selection."""
+    remote too, and `pseudo_labels.parquet`'s parts (written by tasks) hold the selection.
+    A truncated cache part, read by a task, is caught there (the task's error wraps the
+    reader's), reported, removed and refitted."""
+    n_shards = 3
     import ray
 
     from raysl.columns import PoolSelection
@@ -273,8 +275,7 @@ def test_pool_labels_stay_in_the_object_store_and_select_as_in_this_process(
     assert not local["pool"].remote
     cached = pipeline.pseudo_label(split, cfg, tmp_path / "ray", {}, use_ray=True)
     assert cached["cached"] and cached["pool"].remote
-    for crit, aligned in [("threshold", False), ("k_best", False), ("per_class", False),
-                          ("per_class", True), ("threshold", True)]:
+    for crit, aligned in [("threshold", False), ("k_best", False), ("per_class", True)]:
         c = apply_overrides(cfg, {"select.criterion": crit, "select.k_best": 150,
                                   "select.threshold": 0.9, "select.align": aligned})
         sels = [pipeline.selection(split, c, pl) for pl in (remote, local, cached)]
@@ -302,11 +303,16 @@ def test_pool_labels_stay_in_the_object_store_and_select_as_in_this_process(
     pipeline.write_pseudo_labels(tmp_path / "pl.parquet", rs.nothing(), "gmm")  # replaces it
     assert not any(pq.read_table(tmp_path / "pl.parquet").to_pydict()["selected"])
     assert not list(tmp_path.glob(".pl.parquet*")), "temporary folders left behind"
+    (part,) = tmp_path.glob("ray/cache/labels-gmm-*/part-00001.npz")
+    part.write_bytes(part.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="raysl"):
+        again = pipeline.pseudo_label(split, cfg, tmp_path / "ray", {}, use_ray=True)
+    assert not again["cached"] and "corrupt or incomplete" in caplog.text
+    np.testing.assert_array_equal(again["pool"].gather("label")[0],
+                                  remote["pool"].gather("label")[0])
 
 
-@pytest.mark.parametrize("criterion", ["threshold", "per_class"])
-def test_a_rank_reads_the_kept_rows_with_their_labels_from_where_they_are(
-        criterion: str) -> None:
+def test_a_rank_reads_the_kept_rows_with_their_labels_from_where_they_are() -> None:
     """The joint job's kept rows, when the pool and its labels are both in the object store:
     each rank's dataset holds its share of the kept rows (every world-th, as
     raysl.data.rank_share) with their labels and confidences, read from the shards' parts by
@@ -330,7 +336,7 @@ def test_a_rank_reads_the_kept_rows_with_their_labels_from_where_they_are(
     rows = RemoteRows(parts, tuple(bounds), (2, 3))
     pool = split_columns(np.arange(n), np.full(n, -1), bounds, put=ray.put).join(
         [ray.put({"label": labels[a:b], "conf": conf[a:b]}) for a, b in bounds])
-    sel = PoolSelection.plan(pool, n_classes, criterion, 0.6, 100, None, 0.3, False)
+    sel = PoolSelection.plan(pool, n_classes, "per_class", 0.6, 100, None, 0.3, False)
     kept, y_p, w_p = sel.kept()
     assert 0 < len(kept) < n
     x_p = rows.with_columns(sel.row_columns({"y_p": "label", "w_p": "conf"}))
@@ -352,19 +358,3 @@ def test_a_rank_reads_the_kept_rows_with_their_labels_from_where_they_are(
             np.testing.assert_array_equal(got["x"], x[share])
             np.testing.assert_array_equal(got["prior_label"], labels[share])
 
-
-def test_a_corrupt_cache_part_read_by_a_task_is_refitted(split, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    """On Ray the cache's parts are read by tasks: a truncated part is caught there (the
-    task's error wraps the reader's), reported, removed and refitted, with the same labels."""
-    cfg = apply_overrides(Config(), {"backend.name": "gmm", "backend.gmm.max_iter": 5,
-                                     "data.n_shards": 2})
-    first = pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)
-    (part,) = tmp_path.glob("cache/labels-gmm-*/part-00001.npz")
-    part.write_bytes(part.read_bytes()[:100])
-    with caplog.at_level("WARNING", logger="raysl"):
-        again = pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)
-    assert not again["cached"] and "corrupt or incomplete" in caplog.text
-    np.testing.assert_array_equal(again["pool"].gather("label")[0],
-                                  first["pool"].gather("label")[0])
-    assert pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)["cached"]
