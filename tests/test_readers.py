@@ -310,8 +310,16 @@ def test_parts_are_made_float_where_they_are_read_as_the_reader_makes_them(
 def test_a_gmm_fit_on_shards_in_the_object_store_equals_the_in_memory_fit(
         wine: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
     """The shard actors fetch their own rows, here into file-backed arrays
-    (``backend.shard_storage=disk``), and fit the same GMM as on the collected split."""
+    (``backend.shard_storage=disk``), and fit the same GMM as on the collected split.
+
+    Then the joint job: the kept rows' labels and confidences stay in the object store and
+    the rank reads them with its rows; the model is bit for bit the one trained from the same
+    labels gathered on the driver (and FixMatch's online labels, measured against the pool's
+    hidden labels read with the rows, score the same)."""
+    import ray
+
     from raysl import pipeline
+    from raysl.columns import PoolColumns, PoolSelection, merged
     from raysl.config import Config, apply_overrides
     from raysl.data import make_split
     from raysl.readers import plan
@@ -319,7 +327,14 @@ def test_a_gmm_fit_on_shards_in_the_object_store_equals_the_in_memory_fit(
     spec = str(wine[0] / "parts")
     cfg = apply_overrides(Config(), {"data.dataset": spec, "backend.name": "gmm",
                                      "backend.gmm.max_iter": 5,
-                                     "backend.shard_storage": "disk"})
+                                     "backend.shard_storage": "disk",
+                                     # benchmark mode: the pool's rows keep hidden labels
+                                     "data.labels_per_class": 5,
+                                     "select.criterion": "per_class", "train.epochs": 2,
+                                     # Ray Train's local mode: one rank reading its dataset,
+                                     # without DDP's start-up (tests/test_ray.py has the
+                                     # shares of 2 and 3 ranks)
+                                     "train.min_steps": 0, "train.num_workers": 0})
     p = plan(cfg.data)
     assert p is not None
     splits = [pipeline.prepare(s, cfg) for s in (p.split(spec, cfg.data),
@@ -338,6 +353,22 @@ def test_a_gmm_fit_on_shards_in_the_object_store_equals_the_in_memory_fit(
     assert [a["on_disk"] for a in actors] == [True, True], actors
     assert sum(a["rows"] for a in actors) == len(splits[1].x_u)
     assert fits[1]["actors"] == []  # in this process: no actors
+
+    sel, m = pipeline.selection(splits[0], cfg, fits[0])
+    assert sel.pool.remote and 0 < m["n_selected"] < len(splits[0].x_u)
+    here = PoolColumns(tuple((merged([ray.get(o) for o in part]),) for part in sel.pool.parts),
+                       sel.pool.sizes)
+    gathered = PoolSelection(here, sel.rule, sel.aligned)
+    runs = [pipeline.joint(splits[0], cfg, tmp_path / name, s, verbose=False)
+            for name, s in (("remote", sel), ("gathered", gathered))]
+    assert [r["rank_rows"][0]["with_rows"] for r in runs] == [["w_p", "y_p", "y_u"], []]
+    accs = [r["history"][-1]["pl_accuracy"] for r in runs]
+    assert np.isfinite(accs[0]) and accs[0] == accs[1]
+    assert [sum(r["x_p"] for r in run["rank_rows"]) for run in runs] == [m["n_selected"]] * 2
+    a, b = (pipeline.load_state(tmp_path / name / "joint" / "model.pt")
+            for name in ("remote", "gathered"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @needs_ray
@@ -590,46 +621,3 @@ def test_read_tasks_one_per_file_but_small_files_grouped() -> None:
     assert read_tasks(3, None, 2) == 3  # size unknown: a task per file
     assert read_tasks(1, 0, 8) == 1
 
-
-@needs_ray
-def test_the_joint_job_trains_the_same_with_labels_read_where_they_are(
-        wine: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
-    """A user's files on Ray: the kept rows' labels and confidences stay in the object store
-    and each rank reads them with its rows; the model is bit for bit the one trained from the
-    same labels gathered on the driver (and the kept count is the same)."""
-    import ray
-
-    from raysl import pipeline
-    from raysl.columns import PoolColumns, PoolSelection, merged
-    from raysl.config import Config, apply_overrides
-    from raysl.readers import plan
-
-    spec = str(wine[0] / "parts")
-    cfg = apply_overrides(Config(), {"data.dataset": spec, "backend.name": "gmm",
-                                     "backend.gmm.max_iter": 5, "select.criterion": "per_class",
-                                     # benchmark mode: the pool's rows keep hidden labels
-                                     "data.labels_per_class": 5, "train.epochs": 2,
-                                     # Ray Train's local mode: one rank reading its dataset,
-                                     # without DDP's start-up (tests/test_ray.py has the
-                                     # shares of 2 and 3 ranks)
-                                     "train.min_steps": 0, "train.num_workers": 0})
-    p = plan(cfg.data)
-    assert p is not None
-    split = pipeline.prepare(p.split(spec, cfg.data), cfg)
-    pl = pipeline.pseudo_label(split, cfg, tmp_path, {}, use_ray=True)
-    sel, m = pipeline.selection(split, cfg, pl)
-    assert sel.pool.remote and 0 < m["n_selected"] < len(split.x_u)
-    here = PoolColumns(tuple((merged([ray.get(o) for o in part]),) for part in sel.pool.parts),
-                       sel.pool.sizes)
-    gathered = PoolSelection(here, sel.rule, sel.aligned)
-    runs = [pipeline.joint(split, cfg, tmp_path / name, s, verbose=False)
-            for name, s in (("remote", sel), ("gathered", gathered))]
-    assert [r["rank_rows"][0]["with_rows"] for r in runs] == [["w_p", "y_p", "y_u"], []]
-    # FixMatch's online labels measured against the rows' true labels, read with the rows
-    accs = [r["history"][-1]["pl_accuracy"] for r in runs]
-    assert np.isfinite(accs[0]) and accs[0] == accs[1]
-    assert [sum(r["x_p"] for r in run["rank_rows"]) for run in runs] == [m["n_selected"]] * 2
-    a, b = (pipeline.load_state(tmp_path / name / "joint" / "model.pt")
-            for name in ("remote", "gathered"))
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
