@@ -19,7 +19,6 @@ Columns: ``row`` (the pool row's index in the dataset), ``y`` (its hidden label,
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from raysl.io import write_npz, write_with
 from raysl.metrics import shard_summary, summary_metrics
 from raysl.select import NOTHING, Rule, Selection, plan_selection
 
@@ -121,11 +121,7 @@ def part_path(directory: str | Path, i: int) -> Path:
 
 
 def _save_part(i: int, offset: int, cols: Columns, directory: str) -> None:
-    path = part_path(directory, i)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, **{k: cols[k] for k in _SAVED})
-    os.replace(tmp, path)
+    write_npz(part_path(directory, i), **{k: cols[k] for k in _SAVED})
 
 
 def _load_part(i: int, offset: int, cols: Columns, directory: str) -> Columns:
@@ -150,14 +146,14 @@ class PoolSelection:
 
     @property
     def names(self) -> tuple[str, str]:
-        return ("label_aligned", "conf_aligned") if self.aligned else ("label", "conf")
+        return _names(self.aligned)
 
     @classmethod
     def plan(cls, pool: PoolColumns, n_classes: int, criterion: str, threshold: float,
              k_best: int, prior: np.ndarray | None, share: float, aligned: bool
              ) -> PoolSelection:
         """:func:`raysl.select.plan_selection` over the shards' parts."""
-        names = ("label_aligned", "conf_aligned") if aligned else ("label", "conf")
+        names = _names(aligned)
 
         def run(fn: Callable[..., np.ndarray], **kw: Any) -> list[np.ndarray]:
             return pool.map(_on_labels, count=fn, names=names, kw=kw)
@@ -178,7 +174,7 @@ class PoolSelection:
         """The kept rows' pool positions (k,) int64 (sorted), labels (k,) int64 and
         confidences (k,) float32, gathered here (what the joint job trains on)."""
         got = self.pool.map(_kept, rule=self.rule, names=self.names)
-        return tuple(np.concatenate([g[k] for g in got]) if got else np.zeros(0)
+        return tuple(np.concatenate([g[k] for g in got])
                      for k in range(3))  # type: ignore[return-value]
 
     def every(self) -> tuple[np.ndarray, np.ndarray]:
@@ -249,6 +245,11 @@ def share_of(keys: np.ndarray, offset: int, mask: np.ndarray | None, before: int
     return hit, g
 
 
+def _names(aligned: bool) -> tuple[str, str]:
+    """The label and confidence columns a selection reads."""
+    return ("label_aligned", "conf_aligned") if aligned else ("label", "conf")
+
+
 def _on_labels(i: int, offset: int, cols: Columns, count: Callable[..., Any],
                names: tuple[str, str], kw: dict[str, Any]) -> Any:
     return count(cols[names[0]], cols[names[1]], offset, **kw)
@@ -297,9 +298,6 @@ def _write_parquet(i: int, offset: int, cols: Columns, rule: Rule, names: tuple[
                       "confidence": np.asarray(conf, np.float64),
                       "backend": pa.array([backend] * len(labels), pa.string()),
                       "selected": rule.mask(labels, conf, offset)})
-    path = Path(directory) / f"part-{i:05d}.parquet"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_with(Path(directory) / f"part-{i:05d}.parquet", lambda p: pq.write_table(table, p))
 
 __all__ = ["PoolColumns", "PoolSelection", "RowColumns", "merged", "share_of", "split_columns"]

@@ -245,8 +245,8 @@ class FixMatch:
         if self.y_u is None:
             self.counts += [kept.sum().item(), 0, 0, 0, 0, len(kept)]
             return
-        # a copy: arrays from the object store are read-only, which torch warns about
-        truth = torch.from_numpy(np.array(self.y_u[iu.numpy()]))
+        # fancy indexing copies: a writable array even from the read-only object store
+        truth = torch.from_numpy(self.y_u[iu.numpy()])
         known = (truth >= 0).float()
         right = (pseudo.cpu() == truth).float() * known
         self.counts += [kept.sum().item(), (right * kept).sum().item(),

@@ -250,17 +250,17 @@ def test_a_split_left_in_the_object_store_has_the_collected_rows(
             np.testing.assert_array_equal(m_remote.m2, m_mem.m2)
     # what a Ray Train rank reads of them: its share, through a Ray Dataset
     from raysl.data import rank_share
-    from raysl.distributed.pool import rows_from_batches
+    from raysl.distributed.pool import share_from_batches
 
     for rows, want in ((remote.x_u, mem.x_u), (remote.x_u[keep], mem.x_u[keep])):
         for r, ds in enumerate(rows.rank_datasets(2)):
             share = rank_share(len(want), r, 2)
             for on_disk in (False, True):  # train.share_storage: the heap or a mapped file
-                got = rows_from_batches(ds.iter_batches(batch_size=None), len(share),
-                                        rows.row_shape, on_disk=on_disk)
+                got = share_from_batches(ds.iter_batches(batch_size=None), len(share),
+                                         rows.row_shape, on_disk=on_disk)["x"]
                 np.testing.assert_array_equal(got, want[share])
     with pytest.raises(RuntimeError, match="read 0 of 3 rows"):  # a short read is an error
-        rows_from_batches(iter([]), 3, remote.x_u.row_shape)
+        share_from_batches(iter([]), 3, remote.x_u.row_shape)
 
 
 def test_a_blocks_digest_is_of_its_rows_in_id_order_whatever_their_order() -> None:

@@ -334,14 +334,15 @@ class _Held:
         raise AssertionError("a rank fetched all the rows")
 
     def read(self, field: str, share: np.ndarray) -> np.ndarray:
-        from raysl.distributed.pool import rows_from_batches
+        from raysl.distributed.pool import share_from_batches
 
         self.reads.append(share)
         # as a Ray Train rank assembles its share: batches of (index in the share, rows)
         half = len(share) // 2
         batches = [{"i": np.arange(a, b), "x": self.x[share[a:b]]}
                    for a, b in ((half, len(share)), (0, half))]
-        return rows_from_batches(batches, len(share), self.x.shape[1:], on_disk=self.on_disk)
+        return share_from_batches(batches, len(share), self.x.shape[1:],
+                                  on_disk=self.on_disk)["x"]
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 41])

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
-from raysl.columns import RowColumns
+from raysl.columns import RowColumns, merged, share_of
 from raysl.config import DataConfig
 from raysl.data import (
     Dataset,
@@ -182,6 +182,7 @@ class RemoteRows:
         import ray.data
 
         parts = [r for group in self.parts for r in group]
+        keep = None if self.keep is None else ray.put(self.keep)  # once for every rank
         out = []
         for rank in range(world):
             ds = ray.data.from_items([{"part": i} for i in range(len(parts))],
@@ -189,14 +190,16 @@ class RemoteRows:
             out.append(ds.map_batches(
                 _part_rows, batch_size=1, num_cpus=0, zero_copy_batch=True,
                 compute=ray.data.TaskPoolStrategy(size=max(1, min(_READ_TASKS, len(parts)))),
-                fn_kwargs=self._read_args(rank, world)))
+                fn_kwargs=self._read_args(rank, world, keep)))
         return out
 
-    def _read_args(self, rank: int, world: int) -> dict[str, Any]:
-        """:func:`_part_rows`' arguments for rank ``rank`` of ``world``."""
+    def _read_args(self, rank: int, world: int, keep: ray.ObjectRef | None
+                   ) -> dict[str, Any]:
+        """:func:`_part_rows`' arguments for rank ``rank`` of ``world``; ``keep``: the kept
+        keys, put in the object store."""
         return {"parts": [r for group in self.parts for r in group],
                 "shard_of": [i for i, group in enumerate(self.parts) for _ in group],
-                "bounds": self.bounds, "keep": None if self.keep is None else ray.put(self.keep),
+                "bounds": self.bounds, "keep": keep,
                 "rank": rank, "world": world, "transform": self.transform,
                 "row_shape": self.row_shape, "columns": self.columns}
 
@@ -220,7 +223,7 @@ class RemoteRows:
 
     def fetch_columns(self, on_disk: bool = False) -> dict[str, np.ndarray]:
         """The rows (``x``) and :attr:`columns`, each one array in order, read here."""
-        args = self._read_args(0, 1)
+        args = self._read_args(0, 1, None)  # with columns there are no kept keys
         batches = (_part_rows({"part": np.array([i])}, **args) for i in range(len(args["parts"])))
         return share_from_batches(batches, len(self), self.row_shape, on_disk,
                                   list(self.columns.names) if self.columns else [])
@@ -281,8 +284,6 @@ def _part_rows(batch: dict[str, np.ndarray], parts: list[ray.ObjectRef], shard_o
     part = ray.get(parts[p])
     extra: dict[str, np.ndarray] = {}
     if columns is not None:
-        from raysl.columns import merged, share_of
-
         s = shard_of[p]
         cols = merged([ray.get(o) if isinstance(o, ray.ObjectRef) else o
                        for o in columns.parts[s]])
@@ -330,12 +331,6 @@ def share_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
     for k in columns:  # no rows, so no batch said its type
         out.setdefault(k, np.zeros(0))
     return out
-
-
-def rows_from_batches(batches: Iterable[dict[str, np.ndarray]], n: int,
-                      row_shape: tuple[int, ...], on_disk: bool = False) -> np.ndarray:
-    """The rows ``x`` of :func:`share_from_batches`."""
-    return share_from_batches(batches, n, row_shape, on_disk)["x"]
 
 
 # The tasks below read their shard a block of rows at a time: their memory does not grow with
@@ -528,4 +523,4 @@ def _check_rows(name: str, ids_sorted: np.ndarray, row_shape: tuple[int, ...], d
                         f"(first: {rows[:5].tolist()}); features must be finite")
 
 
-__all__ = ["RemoteRows", "assemble", "distribute", "rows_from_batches", "share_from_batches"]
+__all__ = ["RemoteRows", "assemble", "distribute", "share_from_batches"]

@@ -95,7 +95,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     on_disk: list[str] = []
     read_seconds: dict[str, float] = {}
 
-    def read(field: str, share: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+    def read(field: str, share: np.ndarray) -> dict[str, np.ndarray]:
         # this rank's rows of a field left in the object store: its own dataset (see
         # _rank_datasets), read here through Ray Train; the other ranks' rows never come here
         # (nor their labels: a selection's kept rows come with theirs, TrainData.for_rank)
@@ -110,7 +110,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                                  len(share), row_shape, on_disk=disk,
                                  columns=list(columns.names) if columns else [])
         read_seconds[field] = round(time.perf_counter() - start, 3)
-        return got if len(got) > 1 else got["x"]
+        return got  # the rows as "x", and any columns read with them (TrainData.for_rank)
 
     data = data.for_rank(rank, world, read)
     device = ray.train.torch.get_device()
