@@ -44,6 +44,10 @@ class Dataset:
     classes: np.ndarray | None = None
     texts: np.ndarray | None = None  # (n,) str: a text dataset
     texts_test: np.ndarray | None = None
+    # (n,) int64: each row's stable id, which the split hashes (:func:`split_keys`); None: its
+    # position. A reader's rows keep the reader's ids (raysl.readers.rows), so the same files
+    # split the same whether collected here or left in Ray's object store.
+    ids: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -373,7 +377,8 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
 }
 
 
-def _from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
+def _from_arrays(name: str, x: np.ndarray, y: np.ndarray,
+                 ids: np.ndarray | None = None) -> Dataset:
     if x.dtype.kind not in "biuf":
         raise DataError(f"{name}: x has dtype {x.dtype}; features must be numbers (int, uint "
                         "or float)")
@@ -394,7 +399,7 @@ def _from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
     plain = (np.issubdtype(classes.dtype, np.integer)
              and np.array_equal(classes, np.arange(len(classes))))
     return Dataset(name, np.asarray(x, np.float32), codes, len(classes),
-                   classes=None if plain else classes)
+                   classes=None if plain else classes, ids=ids)
 
 
 def _from_texts(name: str, texts: np.ndarray, y: np.ndarray, what: str) -> Dataset:
@@ -576,7 +581,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
     h = hashlib.sha256()
-    for a in (ds.x, ds.y, ds.x_test, ds.y_test):
+    for a in (ds.x, ds.y, ds.x_test, ds.y_test, ds.ids):
         if a is not None:
             h.update(np.ascontiguousarray(a).tobytes())
     h.update(_fingerprint_params(cfg).encode())
@@ -590,8 +595,33 @@ def _fingerprint(ds: Dataset, cfg: DataConfig) -> str:
 
 
 def _fingerprint_params(cfg: DataConfig) -> str:
-    """The split's parameters, as every split key hashes them."""
-    return repr((cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction, cfg.seed))
+    """The split's parameters, as every split key hashes them (and the split's version: a
+    cache made under another split function is not this split's)."""
+    return repr((_SPLIT_VERSION, cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction,
+                 cfg.seed))
+
+
+_SPLIT_VERSION = "hash-1"  # split_keys; before it, a seeded permutation per class
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 ``(n,)``: a bijection of 64-bit words (an add, two
+    xor-shifts and two odd multiplies, each invertible) that scatters neighbouring ids."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def split_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """Each row's place in the split's order, ``(n,)`` uint64, from its stable id ``(n,)``
+    and the seed alone: a row's key does not depend on any other row, so it can be computed
+    where the row is (no global shuffle), and distinct ids never tie (a bijection of the id
+    for each seed)."""
+    salt = _mix64(np.array([seed], np.int64).view(np.uint64))
+    return _mix64(np.ascontiguousarray(ids, np.int64).view(np.uint64) ^ salt)
 
 
 # data.labels_per_class=0 on fully labeled (benchmark) data: this many per class
@@ -615,14 +645,17 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     """Deterministic split: the same dataset and ``(labels_per_class, val_per_class,
     test_fraction, seed)`` always give the same rows.
 
-    Per class, labeled rows (y >= 0) are shuffled; without an official test split a stratified
+    Per class, labeled rows (y >= 0) are ordered by :func:`split_keys` (a hash of each row's
+    id and the seed: a seeded shuffle that needs no other row); without an official test split
+    a stratified
     ``test_fraction`` is held out first; then ``val_per_class`` rows go to validation and the
     rest to the labeled set. ``labels_per_class`` N > 0 keeps N there and hides the rest in the
     unlabeled pool with their true labels kept for evaluation (benchmarks); 0 uses every label
     of data that has unlabeled rows (:func:`user_allocation`: it works down to one label per
     class, with no test or validation rows where they would eat the labels) and
     :data:`BENCHMARK_LABELS_PER_CLASS` per class of fully labeled data. Rows with y = -1 are
-    always unlabeled.
+    always unlabeled. The unlabeled pool is in key order too, so its shards are
+    class-balanced.
 
     A text dataset (``ds.texts``) becomes feature vectors here (:func:`featurize`): a frozen
     sentence encoder, or TF-IDF and SVD fitted on the labeled and unlabeled rows' texts only;
@@ -669,16 +702,17 @@ def split_indices(ds: Dataset, cfg: DataConfig
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The rows of :func:`make_split`: (labeled, unlabeled, validation, test) indices into the
     dataset's training rows; test is None when the dataset has an official test split."""
-    rng = np.random.default_rng(cfg.seed)
+    ids = ds.ids if ds.ids is not None else np.arange(len(ds.y))
+    order = np.argsort(split_keys(ids, cfg.seed))  # every row, in its key's order
+    y_order = ds.y[order]
     own_test = ds.x_test is None
     user = cfg.labels_per_class == 0 and bool((ds.y == -1).any())
     per_class = cfg.labels_per_class or BENCHMARK_LABELS_PER_CLASS
     test_idx: list[np.ndarray] = []
     val_idx: list[np.ndarray] = []
     lab_idx: list[np.ndarray] = []
-    rest_idx: list[np.ndarray] = [np.where(ds.y == -1)[0]]
     for c in range(ds.n_classes):
-        rows = rng.permutation(np.where(ds.y == c)[0])
+        rows = order[y_order == c]  # the class's rows in key order
         if user:
             n_test, n_val, n_lab = user_allocation(len(rows), own_test, cfg)
         else:
@@ -695,11 +729,15 @@ def split_indices(ds: Dataset, cfg: DataConfig
         test_idx.append(rows[:n_test])
         val_idx.append(rows[n_test : n_test + n_val])
         lab_idx.append(rows[n_test + n_val : need])
-        rest_idx.append(rows[need:])
     idx_l = np.sort(np.concatenate(lab_idx))
-    idx_u = rng.permutation(np.concatenate(rest_idx))  # shuffled so shards are class-balanced
     idx_v = np.sort(np.concatenate(val_idx))
     idx_t = np.sort(np.concatenate(test_idx)) if own_test else None
+    # the pool: every other row, in key order (a seeded shuffle, so shards are class-balanced)
+    held = np.zeros(len(ds.y), bool)
+    for idx in (idx_l, idx_v, idx_t):
+        if idx is not None:
+            held[idx] = True
+    idx_u = order[~held[order]]
     n_test = len(idx_t) if idx_t is not None else len(ds.y_test)  # type: ignore[arg-type]
     if n_test == 0 and not user:
         raise DataError(f"data.test_fraction={cfg.test_fraction}: the test split is empty")

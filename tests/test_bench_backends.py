@@ -23,7 +23,7 @@ def test_parse_gmm_variants() -> None:
 def test_bench_backends_quick_prints_ece_before_and_after_calibration(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread: None) -> None:
     argv = ["--quick", "--local", "--backends", "gmm,self", "--gmm", "pca:1,embedding:1",
-            "--set", "train.min_steps=50", "--set", "train.hidden=32", "--out", str(tmp_path)]
+            "--set", "train.min_steps=200", "--set", "train.hidden=32", "--out", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]

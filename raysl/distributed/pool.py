@@ -455,7 +455,7 @@ def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
              and np.array_equal(classes, np.arange(len(classes))))
     n = len(codes)
     meta = Dataset(name, np.zeros((n, 0), np.float32), codes, len(classes),
-                   classes=None if plain else classes)
+                   classes=None if plain else classes, ids=ids_sorted)
 
     # 2. the split, from the labels alone
     idx_l, idx_u, idx_v, idx_t = _split_indices(meta, cfg)

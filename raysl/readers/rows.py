@@ -111,10 +111,11 @@ def collect(ds: ray.data.Dataset, name: str, what: str, *, extra: tuple[str, ...
         ys.append(label_values(batch.column("label")))
     if not ids:
         raise DataError(f"{what}: no rows")
-    order = np.argsort(np.concatenate(ids), kind="stable")
+    all_ids = np.concatenate(ids)
+    order = np.argsort(all_ids, kind="stable")
     x = np.concatenate(xs)[order]
     y = normalize_labels(np.concatenate(ys)[order], labels)
-    return _from_arrays(name, x, y)
+    return _from_arrays(name, x, y, ids=all_ids[order])
 
 
 def iterate(ds: ray.data.Dataset, what: str,
