@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -56,7 +56,8 @@ class Split:
 
     ``y_u`` holds the true labels of the unlabeled pool where they are known (benchmark data)
     and -1 elsewhere; it is used only to evaluate pseudo-labels, never to train.
-    ``idx_l`` / ``idx_u`` are row indices into the dataset's (training) arrays.
+    ``idx_l`` / ``idx_u`` are the rows' ids: their indices into the dataset's (training)
+    arrays, or a reader's stable ids (``Dataset.ids``: :mod:`raysl.readers.rows`).
 
     A split of a user's files made in a run on Ray (:func:`raysl.distributed.pool.distribute`)
     holds ``x_u`` and ``x_test`` as :class:`Remote` rows left in Ray's object store: ``len``,
@@ -663,6 +664,7 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     """
     idx_l, idx_u, idx_v, idx_t = split_indices(ds, cfg)
     key = _fingerprint(ds, cfg)
+    rows = (lambda i: i) if ds.ids is None else (lambda i: ds.ids[i])  # type: ignore[index]
     text = None
     if ds.texts is not None:
         ds, text = featurize(ds, np.concatenate([idx_l, idx_u]), cfg)
@@ -674,7 +676,7 @@ def make_split(ds: Dataset, cfg: DataConfig) -> Split:
     return Split(
         x_l=ds.x[idx_l], y_l=ds.y[idx_l], x_u=ds.x[idx_u], y_u=ds.y[idx_u],
         x_val=ds.x[idx_v], y_val=ds.y[idx_v], x_test=x_test, y_test=y_test,
-        idx_l=idx_l, idx_u=idx_u, n_classes=ds.n_classes, key=key,
+        idx_l=rows(idx_l), idx_u=rows(idx_u), n_classes=ds.n_classes, key=key,
         classes=ds.classes, text=text,
     )
 
@@ -706,29 +708,17 @@ def split_indices(ds: Dataset, cfg: DataConfig
     order = np.argsort(split_keys(ids, cfg.seed))  # every row, in its key's order
     y_order = ds.y[order]
     own_test = ds.x_test is None
-    user = cfg.labels_per_class == 0 and bool((ds.y == -1).any())
-    per_class = cfg.labels_per_class or BENCHMARK_LABELS_PER_CLASS
+    counts = np.bincount(ds.y[ds.y >= 0], minlength=ds.n_classes)
+    ends = np.cumsum(class_allocation(counts, bool((ds.y == -1).any()), cfg, own_test), axis=1)
     test_idx: list[np.ndarray] = []
     val_idx: list[np.ndarray] = []
     lab_idx: list[np.ndarray] = []
     for c in range(ds.n_classes):
         rows = order[y_order == c]  # the class's rows in key order
-        if user:
-            n_test, n_val, n_lab = user_allocation(len(rows), own_test, cfg)
-        else:
-            n_test = round(len(rows) * cfg.test_fraction) if own_test else 0
-            n_val, n_lab = cfg.val_per_class, per_class
-        need = n_test + n_val + n_lab
-        if len(rows) < need or n_lab < 1:
-            raise DataError(
-                f"data.labels_per_class={cfg.labels_per_class}: class {c} has {len(rows)} "
-                f"labeled rows, fewer than test ({n_test}) + val ({n_val}) + "
-                f"labeled ({n_lab}) = {need}"
-                + ("; 0 uses every label of data with unlabeled (-1) rows" if not user else "")
-            )
-        test_idx.append(rows[:n_test])
-        val_idx.append(rows[n_test : n_test + n_val])
-        lab_idx.append(rows[n_test + n_val : need])
+        t, v, need = ends[c]
+        test_idx.append(rows[:t])
+        val_idx.append(rows[t:v])
+        lab_idx.append(rows[v:need])
     idx_l = np.sort(np.concatenate(lab_idx))
     idx_v = np.sort(np.concatenate(val_idx))
     idx_t = np.sort(np.concatenate(test_idx)) if own_test else None
@@ -738,13 +728,125 @@ def split_indices(ds: Dataset, cfg: DataConfig
         if idx is not None:
             held[idx] = True
     idx_u = order[~held[order]]
-    n_test = len(idx_t) if idx_t is not None else len(ds.y_test)  # type: ignore[arg-type]
-    if n_test == 0 and not user:
-        raise DataError(f"data.test_fraction={cfg.test_fraction}: the test split is empty")
-    if len(idx_u) < cfg.n_shards:
-        raise DataError(f"data.n_shards={cfg.n_shards}: more shards than unlabeled rows "
-                        f"({len(idx_u)}); use at most {max(len(idx_u), 1)}")
+    _check_pool(len(idx_u), cfg)
     return idx_l, idx_u, idx_v, idx_t
+
+
+def class_allocation(counts: np.ndarray, has_unlabeled: bool, cfg: DataConfig,
+                     own_test: bool = True) -> np.ndarray:
+    """Per class, its (test, validation, labeled) rows ``(C, 3)`` from its labeled rows
+    ``counts`` (C,): a class's rows in :func:`split_keys` order go to test, validation and
+    labeled in that order, the rest to the pool. A DataError when a class has too few rows or
+    the test split would be empty. ``has_unlabeled`` and ``labels_per_class=0``: every label
+    is used (:func:`user_allocation`)."""
+    user = cfg.labels_per_class == 0 and has_unlabeled
+    per_class = cfg.labels_per_class or BENCHMARK_LABELS_PER_CLASS
+    out = np.zeros((len(counts), 3), np.int64)
+    for c, n in enumerate(np.asarray(counts, np.int64).tolist()):
+        if user:
+            n_test, n_val, n_lab = user_allocation(n, own_test, cfg)
+        else:
+            n_test = round(n * cfg.test_fraction) if own_test else 0
+            n_val, n_lab = cfg.val_per_class, per_class
+        need = n_test + n_val + n_lab
+        if n < need or n_lab < 1:
+            raise DataError(
+                f"data.labels_per_class={cfg.labels_per_class}: class {c} has {n} "
+                f"labeled rows, fewer than test ({n_test}) + val ({n_val}) + "
+                f"labeled ({n_lab}) = {need}"
+                + ("; 0 uses every label of data with unlabeled (-1) rows" if not user else "")
+            )
+        out[c] = n_test, n_val, n_lab
+    if own_test and out[:, 0].sum() == 0 and not user:
+        raise DataError(f"data.test_fraction={cfg.test_fraction}: the test split is empty")
+    return out
+
+
+def _check_pool(n_pool: int, cfg: DataConfig) -> None:
+    if n_pool < cfg.n_shards:
+        raise DataError(f"data.n_shards={cfg.n_shards}: more shards than unlabeled rows "
+                        f"({n_pool}); use at most {max(n_pool, 1)}")
+
+
+TEST, VAL, LABELED, POOL = 0, 1, 2, 3  # SplitCuts.part: where a row goes
+
+
+@dataclass(frozen=True, eq=False)
+class SplitCuts:
+    """:func:`split_indices`' split as a few keys, so that each block of rows can route its
+    own rows (:func:`raysl.distributed.pool.distribute`): class c's rows with a
+    :func:`split_keys` key at most ``cut[0, c]`` are test rows, then at most ``cut[1, c]``
+    validation, at most ``cut[2, c]`` labeled (each where ``take`` says the part has rows),
+    and the rest, with the unlabeled rows, the pool; the pool's shard s holds its rows with
+    keys above ``shard_cut[s-1]`` and at most ``shard_cut[s]``."""
+
+    cut: np.ndarray  # (3, C) uint64
+    take: np.ndarray  # (3, C) bool
+    shard_cut: np.ndarray  # (n_shards - 1,) uint64
+    n_pool: int
+
+    def part(self, keys: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Each row's part (n,) int64: TEST, VAL, LABELED or POOL; ``keys`` (n,) uint64 and
+        class ``codes`` (n,), -1 unlabeled."""
+        out = np.full(len(keys), POOL, np.int64)
+        lab = np.flatnonzero(codes >= 0)
+        c, k = codes[lab], keys[lab]
+        for j in (LABELED, VAL, TEST):  # the lowest cut a row is under wins
+            hit = self.take[j, c] & (k <= self.cut[j, c])
+            out[lab[hit]] = j
+        return out
+
+    def shard(self, keys: np.ndarray) -> np.ndarray:
+        """The shard (n,) of pool rows with ``keys`` (n,) uint64."""
+        return np.searchsorted(self.shard_cut, keys, side="left")
+
+
+def plan_split(run: Callable[..., Sequence[np.ndarray]], counts: np.ndarray,
+               has_unlabeled: bool, n_rows: int, cfg: DataConfig) -> SplitCuts:
+    """The :class:`SplitCuts` of :func:`split_indices` (data without its own test split)
+    from a radix select over the rows' keys wherever they are: ``run(fn, **kw)`` returns
+    ``fn(keys, codes, **kw)`` of every block of rows (keys (n_i,) uint64 and codes (n_i,));
+    ``counts`` (C,) labeled rows per class, ``n_rows`` all rows. Two selects of 8 rounds each
+    (the class cuts, then the shards' in the pool): no block sends a per-row array."""
+    from raysl.select import kth_keys
+
+    n_classes = len(counts)
+    ends = np.cumsum(class_allocation(counts, has_unlabeled, cfg), axis=1)  # (C, 3)
+    need = ends.T.reshape(-1)  # cut j of class c at j * C + c
+
+    def classes(prefix: np.ndarray, level: int) -> np.ndarray:
+        return np.sum(run(split_histogram, prefix=prefix, level=level, n_classes=n_classes),
+                      axis=0)
+
+    cut = kth_keys(classes, need).reshape(3, n_classes)
+    held = SplitCuts(cut, (need > 0).reshape(3, n_classes), np.zeros(0, np.uint64), 0)
+    n_pool = int(n_rows - ends[:, 2].sum())
+    _check_pool(n_pool, cfg)
+    stops = np.array([b for _, b in shard_bounds(n_pool, cfg.n_shards)[:-1]], np.int64)
+
+    def shards(prefix: np.ndarray, level: int) -> np.ndarray:
+        return np.sum(run(split_histogram, prefix=prefix, level=level, n_classes=n_classes,
+                          held=held), axis=0)
+
+    return replace(held, shard_cut=kth_keys(shards, stops), n_pool=n_pool)
+
+
+def split_histogram(keys: np.ndarray, codes: np.ndarray, prefix: np.ndarray, level: int,
+                    n_classes: int, held: SplitCuts | None = None) -> np.ndarray:
+    """One block's radix round of :func:`plan_split`: without ``held``, its labeled rows'
+    keys for the three cuts of each class (``len(prefix)`` = 3 C groups); with it, its pool
+    rows' keys, once for each shard cut (``len(prefix)`` groups)."""
+    from raysl.select import radix_histogram
+
+    if held is None:
+        lab = codes >= 0
+        k, g, per = keys[lab], codes[lab], n_classes
+    else:
+        pool = held.part(keys, codes) == POOL
+        k, g, per = keys[pool], np.zeros(int(pool.sum()), np.int64), 1
+    return np.concatenate([radix_histogram(k, g, prefix[a : a + per], level)
+                           for a in range(0, len(prefix), per)]
+                          or [np.zeros((0, 256), np.int64)])
 
 
 def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:

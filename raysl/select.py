@@ -86,20 +86,27 @@ def _groups(labels: np.ndarray, n_groups: int) -> np.ndarray:
             else np.zeros(len(labels), np.int64))
 
 
-def key_histogram(labels: np.ndarray, conf: np.ndarray, offset: int, prefix: np.ndarray,
-                  level: int) -> np.ndarray:
-    """One radix round on one shard: per group g (``len(prefix)`` groups: classes, or one),
-    the count of its rows whose key starts with ``prefix[g]``'s top ``8 * level`` bits, by the
-    next 8 bits: (G, 256) int64. Counts of shards add up."""
+def radix_histogram(keys: np.ndarray, groups: np.ndarray, prefix: np.ndarray, level: int
+                    ) -> np.ndarray:
+    """One radix round over some rows: per group g (``len(prefix)`` groups), the count of the
+    rows of ``groups == g`` whose key starts with ``prefix[g]``'s top ``8 * level`` bits, by
+    the next 8 bits: (G, 256) int64. ``keys`` (n,) uint64, ``groups`` (n,) in 0..G-1. Counts
+    of disjoint sets of rows add up, so each shard (or block) counts its own."""
     n_groups = len(prefix)
-    g = _groups(labels, n_groups)
-    keys = rank_keys(conf, offset)
+    g = np.asarray(groups, np.int64)
     if level:
         hi = np.uint64(64 - _DIGIT * level)
         hit = (keys >> hi) == (prefix[g] >> hi)
         g, keys = g[hit], keys[hit]
     digit = ((keys >> np.uint64(64 - _DIGIT * (level + 1))) & np.uint64(255)).astype(np.int64)
     return np.bincount(g * 256 + digit, minlength=n_groups * 256).reshape(n_groups, 256)
+
+
+def key_histogram(labels: np.ndarray, conf: np.ndarray, offset: int, prefix: np.ndarray,
+                  level: int) -> np.ndarray:
+    """:func:`radix_histogram` of one shard's :func:`rank_keys`, grouped by label (classes)
+    or all in one group: (G, 256) int64."""
+    return radix_histogram(rank_keys(conf, offset), _groups(labels, len(prefix)), prefix, level)
 
 
 def class_counts(labels: np.ndarray, conf: np.ndarray, offset: int, n_classes: int
@@ -141,19 +148,24 @@ def plan_selection(run: ShardRunner, n_rows: int, n_classes: int,
     else:
         raise ValueError(f"select.criterion={criterion!r}: must be 'threshold', 'k_best' or "
                          "'per_class'")
-    return Rule(criterion, cut=kth_keys(run, need), take=need > 0)
+    def histogram(prefix: np.ndarray, level: int) -> np.ndarray:
+        return np.sum(run(key_histogram, prefix=prefix, level=level), axis=0)
+
+    return Rule(criterion, cut=kth_keys(histogram, need), take=need > 0)
 
 
-def kth_keys(run: ShardRunner, need: np.ndarray) -> np.ndarray:
-    """Per group g, the ``need[g]``-th smallest :func:`rank_keys` among its rows in every
-    shard (G,) uint64 (0 where ``need[g]`` is 0): a radix select, one
-    :func:`key_histogram` per shard and round. ``need[g]`` must not exceed the group's rows."""
+def kth_keys(histogram: Callable[[np.ndarray, int], np.ndarray], need: np.ndarray
+             ) -> np.ndarray:
+    """Per group g, the ``need[g]``-th smallest key among the group's rows (G,) uint64 (0
+    where ``need[g]`` is 0): a radix select. ``histogram(prefix, level)`` is the
+    :func:`radix_histogram` (G, 256) of every row, summed over wherever the rows are (one
+    call a round, 8 rounds for 64-bit keys). ``need[g]`` must not exceed the group's rows."""
     prefix = np.zeros(len(need), np.uint64)
     left = np.asarray(need, np.int64).copy()
     for level in range(_ROUNDS):
         if not (left > 0).any():
             break
-        hist = np.sum(run(key_histogram, prefix=prefix, level=level), axis=0)
+        hist = histogram(prefix, level)
         cum = np.cumsum(hist, axis=1)
         for g in np.flatnonzero(left > 0):
             d = int(np.searchsorted(cum[g], left[g]))  # first digit reaching the count

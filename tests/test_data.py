@@ -11,10 +11,15 @@ import pytest
 
 from raysl.config import DataConfig
 from raysl.data import (
+    LABELED,
+    POOL,
+    TEST,
+    VAL,
     Dataset,
     Split,
     load_dataset,
     make_split,
+    plan_split,
     shard,
     shard_bounds,
     split_keys,
@@ -105,6 +110,40 @@ def test_the_split_is_a_function_of_the_row_ids_not_of_their_order() -> None:
     for name in ("l", "val", "test", "u"):
         np.testing.assert_array_equal(alone[name], base[name][ds.y[base[name]] == 2],
                                       err_msg=name)
+
+
+@pytest.mark.parametrize(("counts", "n_unlabeled", "lpc", "n_blocks", "n_shards"), [
+    ([60, 45, 50], 40, 4, 1, 1), ([60, 45, 50], 40, 4, 7, 3), ([30, 300, 12], 0, 2, 5, 4),
+    ([25, 25], 500, 0, 3, 2)])
+def test_the_split_planned_over_blocks_is_the_in_memory_split(
+        counts: list[int], n_unlabeled: int, lpc: int, n_blocks: int, n_shards: int) -> None:
+    """plan_split's cuts (a radix select over blocks of rows, as the Ray tasks run it) put
+    every row where split_indices puts it: the same part, the same shard of the pool, and in
+    the same order within it (the keys' order)."""
+    ds = _synthetic(counts, n_unlabeled)
+    ids = np.arange(len(ds.y)) * 7 + (np.arange(len(ds.y)) // 50 << 32)
+    ds = replace(ds, ids=ids)
+    cfg = DataConfig(labels_per_class=lpc, val_per_class=2, test_fraction=0.2, seed=3,
+                     n_shards=n_shards)
+    sp = make_split(ds, cfg)
+    keys = split_keys(ids, cfg.seed)
+    blocks = np.array_split(np.random.default_rng(1).permutation(len(ids)), n_blocks)
+
+    def run(fn, **kw):
+        return [fn(keys[b], ds.y[b], **kw) for b in blocks]
+
+    counts_ = np.bincount(ds.y[ds.y >= 0], minlength=ds.n_classes)
+    cuts = plan_split(run, counts_, bool((ds.y < 0).any()), len(ids), cfg)
+    part = cuts.part(keys, ds.y)
+    for name, p in (("l", LABELED), ("val", VAL), ("test", TEST)):
+        np.testing.assert_array_equal(np.sort(ids[part == p]), np.sort(ids[_parts(sp)[name]]))
+    assert cuts.n_pool == len(sp.idx_u) == (part == POOL).sum()
+    pool = np.flatnonzero(part == POOL)
+    in_order = pool[np.argsort(keys[pool])]
+    np.testing.assert_array_equal(ids[in_order], sp.idx_u)  # the pool in the same order
+    shard_of = cuts.shard(keys[in_order])
+    for s, (a, b) in enumerate(shard_bounds(len(sp.idx_u), n_shards)):
+        assert (shard_of[a:b] == s).all()
 
 
 def test_the_pool_shards_are_class_balanced() -> None:

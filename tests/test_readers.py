@@ -194,6 +194,47 @@ def test_csv_parquet_folder_and_glob_give_the_same_arrays(wine: tuple[Path, pd.D
 
 
 @needs_ray
+def test_the_object_store_split_fails_and_maps_labels_as_the_collected_one(
+        tmp_path: Path) -> None:
+    """The split made by the blocks' tasks (which send the driver label counts, not labels)
+    gives what collecting gives: integer labels with gaps and nulls, NaN rows named by their
+    position across files, a class too small for the split."""
+    from raysl.data import make_split
+    from raysl.readers import plan
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "parts"
+    d.mkdir()
+    y = np.array([3, 7, 7, 3, -1, 9] * 20, dtype=np.float64)
+    y[::7] = np.nan  # nulls: unlabeled
+    x = rng.standard_normal((len(y), 4))
+    for k, (a, b) in enumerate([(0, 45), (45, 46), (46, len(y))]):
+        pd.DataFrame({"a": x[a:b, 0], "b": x[a:b, 1], "y": y[a:b]}).to_parquet(
+            d / f"part-{k}.parquet")
+    cfg = DataConfig(dataset=str(d), labels_per_class=3, val_per_class=2, n_shards=3)
+    p = plan(cfg)
+    assert p is not None
+    remote, mem = p.split(str(d), cfg), make_split(p.read(str(d)), cfg)
+    assert remote.n_classes == mem.n_classes == 3
+    for f in ("y_l", "y_val", "y_u", "y_test", "idx_l", "idx_u", "classes"):
+        np.testing.assert_array_equal(getattr(remote, f), getattr(mem, f), err_msg=f)
+    errors = []
+    for bad in (DataConfig(dataset=str(d), labels_per_class=30),):
+        for make in (lambda c: p.split(str(d), c), lambda c: make_split(p.read(str(d)), c)):
+            with pytest.raises(DataError) as e:
+                make(bad)
+            errors.append(str(e.value))
+    assert errors[0] == errors[1] and "class 0 has" in errors[0], errors
+    x[[44, 46, 100]] = np.nan  # rows 44 and 46: either side of the one-row file
+    for k, (a, b) in enumerate([(0, 45), (45, 46), (46, len(y))]):
+        pd.DataFrame({"a": x[a:b, 0], "b": x[a:b, 1], "y": y[a:b]}).to_parquet(
+            d / f"part-{k}.parquet")
+    for make in (lambda: p.split(str(d), cfg), lambda: load_dataset(cfg)):
+        with pytest.raises(DataError, match=r"NaN/inf values in 3 rows \(first: \[44, 46, 100\]\)"):
+            make()
+
+
+@needs_ray
 @pytest.mark.parametrize("which", ["images", "parquet"])
 def test_a_split_left_in_the_object_store_has_the_collected_rows(
         which: str, tree: tuple[Path, dict[str, tuple]], wine: tuple[Path, pd.DataFrame],

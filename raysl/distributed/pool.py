@@ -7,21 +7,27 @@ calling :func:`raysl.data.make_split` would, except that ``x_u`` and ``x_test`` 
 :class:`RemoteRows`:
 
 1. the blocks are read once into the object store (``Dataset.to_arrow_refs``: on the nodes
-   that read them), and one task per block returns its ids and labels and checks its rows;
-2. the driver splits by labels alone (:func:`raysl.data.split_indices`: the split only ever
-   depended on the labels and the seed) and puts the plan (every row's destination) in the
-   store once;
+   that read them), and one task per block checks its rows and returns its row count and
+   distinct labels (with their counts): the driver maps labels to classes from those;
+2. the split is a function of each row's id and the seed (:func:`raysl.data.split_keys`), so
+   each block's task works out its rows' keys and classes and keeps them where the block is;
+   the cuts of :class:`raysl.data.SplitCuts` (per class, the keys below which rows go to the
+   test set, validation and labeled; the pool's shard boundaries) come from a radix select
+   over those (:func:`raysl.data.plan_split`: 16 rounds of one small histogram per block);
+   then per block the test rows' ids and each shard's keys, merged per shard by a task, so
+   that rows can be numbered;
 3. one task per block routes its rows: the labeled and validation rows come to the driver,
-   the test rows and each unlabeled shard's rows stay in the store as parts ``{"key", "x"}``.
+   the test rows and each unlabeled shard's rows stay in the store as parts ``{"key", "x"}``
+   (``key``: the row's position in the test set or the pool).
 
 A :class:`RemoteRows` is fetched (:meth:`RemoteRows.fetch`) where it is used: by a shard
 actor (its own shard) or an evaluation task (a part of the test set); a Ray Train rank reads
 its share of the kept and unlabeled rows as a Ray Dataset
 (:meth:`RemoteRows.rank_datasets`, through ``TorchTrainer(datasets=...)`` and
-``get_dataset_shard``); never by the driver. The driver
-keeps O(n) labels, ids and, later, each row's pseudo-label and confidence: about 48 bytes a
-row, against 784 for a 28x28 image as stored (uint8 pixels stay uint8 in the parts and are
-made float32, 3,136 bytes, where they are used).
+``get_dataset_shard``); never by the driver. The driver keeps the pool's ids and hidden
+labels (``split.idx_u``, ``split.y_u``: 16 bytes a row) and the test set's labels, against
+784 bytes for a 28x28 image as stored (uint8 pixels stay uint8 in the parts and are made
+float32, 3,136 bytes, where they are used).
 """
 
 from __future__ import annotations
@@ -38,15 +44,20 @@ import ray
 from raysl.columns import RowColumns, merged, share_of
 from raysl.config import DataConfig
 from raysl.data import (
-    Dataset,
+    LABELED,
+    POOL,
+    TEST,
+    VAL,
     Split,
+    SplitCuts,
     _fingerprint_params,
     encode_labels,
     find_sorted,
+    plan_split,
     rank_share,
     shard_bounds,
+    split_keys,
 )
-from raysl.data import split_indices as _split_indices
 from raysl.errors import DataError
 from raysl.memory import disk_array
 from raysl.preprocess import MOMENT_ROWS, Moments, Standardizer
@@ -360,12 +371,14 @@ def _predict(rows: RemoteRows, state: dict[str, Any], build: Callable[[], Any]) 
 
 @ray.remote
 def _survey(table: pa.Table, check: Callable[[pa.Table], None] | None) -> dict[str, Any]:
-    """One block's ids, labels (as stored), row shape and dtype, digest, non-finite rows; a
+    """One block's row count, smallest id, label values (as stored) and their counts, row
+    shape and dtype, digest and non-finite rows' ids: nothing per row but those few. A
     DataError of ``check`` comes back as its message (not a task failure's traceback)."""
     ids = table.column("id").to_numpy()
     x = tensor_to_numpy(table.column("x"))
-    out: dict[str, Any] = {"ids": ids, "labels": label_values(table.column("label")),
-                           "error": None}
+    values, counts = _value_counts(label_values(table.column("label")))
+    out: dict[str, Any] = {"n": len(ids), "min_id": int(ids.min()) if len(ids) else 0,
+                           "values": values, "counts": counts, "error": None}
     if check is not None:
         try:
             check(table)
@@ -376,6 +389,16 @@ def _survey(table: pa.Table, check: Callable[[pa.Table], None] | None) -> dict[s
     flat = x.reshape(len(x), -1)
     out["nonfinite"] = ids[~np.isfinite(flat).all(axis=1)] if x.dtype.kind == "f" else ids[:0]
     return out
+
+
+def _value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a label column (k,) and how often each occurs (k,); values
+    that can't be ordered (mixed types) come back as they are, each counted once, for
+    :func:`raysl.data.encode_labels` to name."""
+    try:
+        return np.unique(values, return_counts=True)
+    except TypeError:
+        return values, np.ones(len(values), np.int64)
 
 
 def block_digest(ids: np.ndarray, x: np.ndarray) -> str:
@@ -405,20 +428,88 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
-def _route(table: pa.Table, plan: tuple[np.ndarray, np.ndarray, np.ndarray], n_out: int
-           ) -> list[dict[str, np.ndarray]]:
-    """One block's rows by destination ``0..n_out-1`` (the driver, the test set, shard 0, 1,
-    ...), some possibly empty."""
-    ids_sorted, dest, key = plan
+def label_codes(values: np.ndarray, uniq: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Each stored label ``values`` (n,) as its class code (n,) int64 (-1 unlabeled), from
+    the dataset's distinct stored labels ``uniq`` (k,) (sorted, as ``np.unique`` gives them)
+    and their codes (k,)."""
+    if values.dtype.kind in "biufU" and uniq.dtype.kind in "biufU":
+        at = np.searchsorted(uniq, values)  # NaN sorts last in both
+        return codes[np.minimum(at, len(uniq) - 1)]
+    index = dict(zip(uniq.tolist(), codes.tolist(), strict=True))
+    return np.array([index[v] for v in values.tolist()], np.int64)
+
+
+@ray.remote
+def _keys(table: pa.Table, lookup: tuple[np.ndarray, np.ndarray], seed: int
+          ) -> dict[str, np.ndarray]:
+    """One block's rows' ids, split keys (:func:`raysl.data.split_keys`) and class codes,
+    (n,) each: what the split's planning reads, 20 bytes a row, kept where the block is."""
     ids = table.column("id").to_numpy()
-    at = np.searchsorted(ids_sorted, ids)
-    d, k = dest[at], key[at]
+    return {"id": ids, "key": split_keys(ids, seed),
+            "code": label_codes(label_values(table.column("label")), *lookup)}
+
+
+@ray.remote
+def _on_keys(fn: Callable[..., Any], kc: dict[str, np.ndarray], kw: dict[str, Any]) -> Any:
+    return fn(kc["key"], kc["code"], **kw)
+
+
+def _index(kc: dict[str, np.ndarray], cuts: SplitCuts) -> list[dict[str, np.ndarray]]:
+    """One block's contribution to the positions: its test rows' ids (sorted) and each
+    shard's rows (by key): ``[test, shard 0, shard 1, ...]``, each ``{"order", "id",
+    "code"}``, ``order`` sorted (ids for the test set, keys in a shard)."""
+    part = cuts.part(kc["key"], kc["code"])
+    out = []
+    test = np.flatnonzero(part == TEST)
+    test = test[np.argsort(kc["id"][test])]
+    out.append({"order": kc["id"][test], "id": kc["id"][test], "code": kc["code"][test]})
+    pool = np.flatnonzero(part == POOL)
+    shard = cuts.shard(kc["key"][pool])
+    for s in range(len(cuts.shard_cut) + 1):
+        rows = pool[shard == s]
+        rows = rows[np.argsort(kc["key"][rows])]
+        out.append({"order": kc["key"][rows], "id": kc["id"][rows], "code": kc["code"][rows]})
+    return out
+
+
+@ray.remote(num_returns=2)
+def _merge(*pieces: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every block's rows of one group (the test set, or one shard) in order: their sorted
+    ``order`` (n,) (how route tasks number the rows), and their ids and codes (n,) in that
+    order (what the driver keeps of the pool: its ids and hidden labels)."""
+    order = np.concatenate([p["order"] for p in pieces])
+    o = np.argsort(order, kind="stable")
+    return order[o], {k: np.concatenate([p[k] for p in pieces])[o] for k in ("id", "code")}
+
+
+def _route(table: pa.Table, kc: dict[str, np.ndarray], cuts: SplitCuts,
+           starts: list[int], *orders: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One block's rows by destination: the labeled rows, the validation rows (keyed by id,
+    with their codes ``y``), the test set, pool shard 0, 1, ... (keyed by their position:
+    in the test set's ids ``orders[0]``, or ``starts[s]`` + the rank in shard s's keys
+    ``orders[1 + s]``), some possibly empty."""
+    part = cuts.part(kc["key"], kc["code"])
     # uint8 pixels stay uint8 (a quarter of float32's bytes in the store) and are made float
     # where the rows are used (assemble, _part_rows); wider types are made float32 here
     x = tensor_to_numpy(table.column("x"))
     if x.dtype != np.uint8:
         x = _as_float(x)
-    return [{"key": k[d == o], "x": x[d == o]} for o in range(n_out)]
+    out = []
+    for p in (LABELED, VAL):
+        m = part == p
+        out.append({"key": kc["id"][m], "x": x[m], "y": kc["code"][m]})
+    m = part == TEST
+    out.append({"key": np.searchsorted(orders[0], kc["id"][m]), "x": x[m]})
+    pool = np.flatnonzero(part == POOL)
+    shard = cuts.shard(kc["key"][pool])
+    for s in range(len(starts)):
+        rows = pool[shard == s]
+        out.append({"key": starts[s] + np.searchsorted(orders[1 + s], kc["key"][rows]),
+                    "x": x[rows]})
+    return out
+
+
+_LAB, _VAL, _TEST, _POOL = 0, 1, 2, 3  # route's destinations: then shard 0, 1, ...
 
 
 def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
@@ -435,62 +526,89 @@ def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
     for s in surveys:
         if s["error"]:
             raise DataError(s["error"])
-    surveys = [s for s in surveys if len(s["ids"])]
+    surveys = [s for s in surveys if s["n"]]
     if not surveys:
         raise DataError(f"{what}: no rows")
     shapes = {(s["shape"], s["dtype"]) for s in surveys}
     if len(shapes) > 1:
         raise DataError(f"{what}: blocks of different row shapes {sorted(shapes)}")
     (row_shape, dtype), = shapes
-    ids = np.concatenate([s["ids"] for s in surveys])
-    order = np.argsort(ids, kind="stable")
-    ids_sorted = ids[order]
-    y_raw = normalize_labels(np.concatenate([s["labels"] for s in surveys])[order], labels)
+    n = sum(s["n"] for s in surveys)
     x_shape = _as_float(np.zeros((0, *row_shape), dtype)).shape[1:]
-    _check_rows(name, ids_sorted, row_shape, dtype, surveys)
-    codes, classes = encode_labels(y_raw, f"{name}: y")
+    _check_rows(name, n, row_shape, dtype)
+    # the classes, from the distinct stored labels: each block maps its own rows to codes
+    uniq, counts = _value_counts(np.concatenate([s["values"] for s in surveys]))
+    if len(uniq) < sum(len(s["values"]) for s in surveys):  # counts of one value add up
+        at = np.searchsorted(uniq, np.concatenate([s["values"] for s in surveys]))
+        counts = np.bincount(at, np.concatenate([s["counts"] for s in surveys]),
+                             len(uniq)).astype(np.int64)
+    codes, classes = encode_labels(normalize_labels(uniq, labels), f"{name}: y")
     if (codes >= 0).sum() == 0:
         raise DataError(f"{name}: y has no labeled rows (all are unlabeled: -1, empty or null)")
     plain = (np.issubdtype(classes.dtype, np.integer)
              and np.array_equal(classes, np.arange(len(classes))))
-    n = len(codes)
-    meta = Dataset(name, np.zeros((n, 0), np.float32), codes, len(classes),
-                   classes=None if plain else classes, ids=ids_sorted)
+    per_class = np.bincount(codes[codes >= 0], counts[codes >= 0], len(classes)).astype(np.int64)
+    lookup = ray.put((uniq, codes))
+    kc = [_keys.options(**TASK_OPTIONS).remote(b, lookup, cfg.seed) for b in blocks]
+    bad = np.concatenate([s["nonfinite"] for s in surveys])
+    if len(bad):
+        _nonfinite(name, bad, kc)
 
-    # 2. the split, from the labels alone
-    idx_l, idx_u, idx_v, idx_t = _split_indices(meta, cfg)
-    assert idx_t is not None  # a reader's data has no official test split
-    dest = np.full(n, _DRIVER, np.int32)
-    key = np.arange(n, dtype=np.int64)  # driver rows: their position
-    dest[idx_t], key[idx_t] = _TEST, np.arange(len(idx_t))
-    bounds = shard_bounds(len(idx_u), cfg.n_shards)
-    for i, (a, b) in enumerate(bounds):
-        dest[idx_u[a:b]] = _POOL + i
-    key[idx_u] = np.arange(len(idx_u))
-    plan = ray.put((ids_sorted, dest, key))
+    # 2. the split: cuts found by a radix select over the blocks' keys
+    def run(fn: Callable[..., Any], **kw: Any) -> list[Any]:
+        return ray.get([_on_keys.options(**TASK_OPTIONS).remote(fn, r, kw) for r in kc])
+
+    cuts = plan_split(run, per_class, bool((codes < 0).any()), n, cfg)
+    n_groups = 1 + cfg.n_shards  # the test set, then each shard
+    index = ray.remote(num_returns=n_groups, **TASK_OPTIONS)(_index)
+    pieces = [index.remote(r, cuts) for r in kc]
+    merged = [_merge.options(**TASK_OPTIONS).remote(*[p[g] for p in pieces])
+              for g in range(n_groups)]
+    del pieces
+    orders = [m[0] for m in merged]
+    meta = ray.get([m[1] for m in merged])  # the test set's and the pool's ids and codes
+    bounds = shard_bounds(cuts.n_pool, cfg.n_shards)
 
     # 3. route every block's rows
     n_out = _POOL + cfg.n_shards
     route = ray.remote(num_returns=n_out, **TASK_OPTIONS)(_route)
-    routed = [route.remote(b, plan, n_out) for b in blocks]
+    starts = [a for a, _ in bounds]
+    routed = [route.remote(b, r, cuts, starts, *orders) for b, r in zip(blocks, kc, strict=True)]
     del blocks  # the read blocks are freed once routed
-    mine = np.sort(np.concatenate([idx_l, idx_v]))  # their keys are their positions
-    x_mine = assemble(ray.get([r[_DRIVER] for r in routed]), x_shape, mine)
-    x_l, x_v = (x_mine[np.searchsorted(mine, idx)] for idx in (idx_l, idx_v))
-    test = RemoteRows((tuple(r[_TEST] for r in routed),), ((0, len(idx_t)),), x_shape)
+    kc.clear()
+    mine = [ray.get([r[d] for r in routed]) for d in (_LAB, _VAL)]
+    (x_l, y_l, idx_l), (x_v, y_v, _) = (_driver_rows(p, x_shape) for p in mine)
+    test = RemoteRows((tuple(r[_TEST] for r in routed),), ((0, len(meta[0]["id"])),), x_shape)
     pool = RemoteRows(tuple(tuple(r[_POOL + i] for r in routed) for i in range(cfg.n_shards)),
                       tuple(bounds), x_shape)
+    idx_u = np.concatenate([m["id"] for m in meta[1:]])
+    y_u = np.concatenate([m["code"] for m in meta[1:]])
     digest = hashlib.sha256()
-    for s in sorted(surveys, key=lambda s: int(s["ids"].min())):
+    for s in sorted(surveys, key=lambda s: s["min_id"]):
         digest.update(s["digest"].encode())
     digest.update(_fingerprint_params(cfg).encode())
     logger.info("[data] %s: %d rows in %d blocks; %d labeled + %d validation rows on the "
                 "driver, %d unlabeled and %d test rows left in the object store", what, n,
-                len(surveys), len(idx_l), len(idx_v), len(idx_u), len(idx_t))
-    return Split(x_l=x_l, y_l=codes[idx_l], x_u=pool, y_u=codes[idx_u],  # type: ignore[arg-type]
-                 x_val=x_v, y_val=codes[idx_v], x_test=test,  # type: ignore[arg-type]
-                 y_test=codes[idx_t], idx_l=idx_l, idx_u=idx_u, n_classes=len(classes),
-                 key=digest.hexdigest()[:16], classes=meta.classes)
+                len(surveys), len(idx_l), len(y_v), len(idx_u), len(meta[0]["id"]))
+    return Split(x_l=x_l, y_l=y_l, x_u=pool, y_u=y_u,  # type: ignore[arg-type]
+                 x_val=x_v, y_val=y_v, x_test=test,  # type: ignore[arg-type]
+                 y_test=meta[0]["code"], idx_l=idx_l, idx_u=idx_u, n_classes=len(classes),
+                 key=digest.hexdigest()[:16], classes=None if plain else classes)
+
+
+def _driver_rows(parts: list[dict[str, np.ndarray]], x_shape: tuple[int, ...]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labeled or validation rows routed to the driver, in id order: ``(x, y, ids)``."""
+    ids = np.concatenate([p["key"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return assemble(parts, x_shape), y[order], ids[order]
+
+
+@ray.remote
+def _below(kc: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """How many of a block's rows have a smaller id than each of ``ids`` (k,)."""
+    return np.searchsorted(np.sort(kc["id"]), ids)
 
 
 def _read_blocks(ds: ray.data.Dataset, what: str,
@@ -507,20 +625,24 @@ def _read_blocks(ds: ray.data.Dataset, what: str,
         raise read_error(e, what, explain) from None
 
 
-def _check_rows(name: str, ids_sorted: np.ndarray, row_shape: tuple[int, ...], dtype: str,
-                surveys: list[dict[str, Any]]) -> None:
-    """What :func:`raysl.data._from_arrays` and ``load_dataset`` check of collected rows."""
+def _check_rows(name: str, n: int, row_shape: tuple[int, ...], dtype: str) -> None:
+    """What :func:`raysl.data._from_arrays` and ``load_dataset`` check of collected rows'
+    type and shape."""
     if np.dtype(dtype).kind not in "biuf":
         raise DataError(f"{name}: x has dtype {dtype}; features must be numbers (int, uint "
                         "or float)")
     if len(row_shape) not in (1, 2, 3):
-        raise DataError(f"{name}: x has shape {(len(ids_sorted), *row_shape)}; expected (n, d), "
-                        "(n, h, w) or (n, c, h, w)")
-    bad = np.concatenate([s["nonfinite"] for s in surveys])
-    if len(bad):
-        rows = np.sort(np.searchsorted(ids_sorted, bad))
-        raise DataError(f"{name}: x has NaN/inf values in {len(rows)} rows "
-                        f"(first: {rows[:5].tolist()}); features must be finite")
+        raise DataError(f"{name}: x has shape {(n, *row_shape)}; expected (n, d), (n, h, w) "
+                        "or (n, c, h, w)")
+
+
+def _nonfinite(name: str, bad: np.ndarray, kc: list[ray.ObjectRef]) -> None:
+    """The error for rows with NaN/inf (ids ``bad``), naming them by position in id order as
+    the collected rows' check does: each block counts its rows below them."""
+    bad = np.sort(bad)
+    rows = np.sum(ray.get([_below.options(**TASK_OPTIONS).remote(r, bad) for r in kc]), axis=0)
+    raise DataError(f"{name}: x has NaN/inf values in {len(rows)} rows "
+                    f"(first: {rows[:5].tolist()}); features must be finite")
 
 
 __all__ = ["RemoteRows", "assemble", "distribute", "share_from_batches"]
