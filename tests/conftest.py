@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
 
 from raysl.config import Config, apply_overrides
@@ -31,6 +33,33 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_splits() -> list[tuple[Any, dict[str, Any]]]:
+    """digits at 5 labels per class, split with seeds 0-4, each with a classifier (hidden
+    width 32) trained 200 steps on its labeled rows, one torch thread: for claims that one
+    split's few hundred pool rows can't carry (the embedding backends' tests)."""
+    import torch
+
+    from raysl.config import DataConfig, TrainConfig
+    from raysl.data import load_dataset, make_split
+    from raysl.train import TrainData, fit_classifier
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    try:
+        for seed in range(5):
+            cfg = DataConfig(labels_per_class=5, seed=seed)
+            sp = make_split(load_dataset(cfg), cfg)
+            tcfg = TrainConfig(epochs=2, min_steps=200, hidden=32, fixmatch=False, lambda_u=0.0)
+            data = TrainData(sp.x_l, sp.y_l, sp.x_l[:0], sp.y_l[:0], np.zeros(0, np.float32),
+                             sp.x_val, sp.y_val, len(sp.x_u))
+            out.append((sp, fit_classifier(data, tcfg, sp.input_shape, sp.n_classes).state))
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 @pytest.fixture

@@ -284,10 +284,6 @@ def test_fedavg_over_four_shards_costs_the_vae_no_accuracy(one_torch_thread: Non
 
 @pytest.fixture(scope="module")
 def classifier_state(split: Split) -> dict[str, np.ndarray]:
-    return _train_classifier(split)
-
-
-def _train_classifier(split: Split) -> dict[str, np.ndarray]:
     """A classifier (hidden width 32) trained for 200 steps on the labeled rows: its
     penultimate layer is the feature space."""
     from raysl.config import TrainConfig
@@ -363,27 +359,20 @@ def test_embedding_features_model_the_classifier_embedding(
     np.testing.assert_allclose(backend.predict_proba(sp.x_val[3:4])[0], p[3], atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def five_splits() -> list[tuple[Split, dict[str, np.ndarray]]]:
-    """Splits of seeds 0-4 (600 pool rows each) and each one's classifier state."""
-    out = []
-    for seed in range(5):
-        cfg = DataConfig(labels_per_class=5, seed=seed)
-        sp = make_split(load_dataset(cfg), cfg)
-        out.append((_small(sp, 600), _train_classifier(sp)))
-    return out
-
-
-@pytest.mark.parametrize("name", NEURAL)
+@pytest.mark.parametrize(("name", "n_splits"), [("vae", 5), ("gan", 3)])
 def test_a_small_fit_in_the_embedding_beats_the_same_fit_on_the_inputs(
-        five_splits: list[tuple[Split, dict[str, np.ndarray]]], name: str) -> None:
-    """On the mean of 5 splits: one split's 600 rows do not separate the VAE's two feature
-    spaces (measured per seed: inputs 0.77-0.82, embedding 0.77-0.85)."""
+        digits_splits: list[tuple[Split, dict[str, np.ndarray]]], name: str,
+        n_splits: int) -> None:
+    """On the mean of several splits (600 pool rows each): one split does not separate the
+    VAE's two feature spaces (measured on seeds 0-4: inputs 0.77-0.82, embedding 0.77-0.85);
+    the GAN's gap is wider (inputs 0.46-0.59, embedding 0.78-0.84), so 3 splits do."""
     cfg = _small_fit()
     acc = []
-    for sp, state in five_splits:
-        inputs, _ = _fit(name, sp, cfg)
-        embedded, _ = _fit_embedding(name, sp, state, cfg)
+    for full, state in digits_splits[:n_splits]:
+        sp = _small(full, 600)
+        with single_thread():
+            inputs, _ = _fit(name, sp, cfg)
+            embedded, _ = _fit_embedding(name, sp, state, cfg)
         acc.append([float((r.proba.argmax(1) == sp.y_u).mean()) for r in (inputs, embedded)])
     mean = np.mean(acc, axis=0)
     assert mean[1] > max(mean[0], 0.78), acc

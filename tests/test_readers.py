@@ -198,7 +198,8 @@ def test_the_object_store_split_fails_and_maps_labels_as_the_collected_one(
         tmp_path: Path) -> None:
     """The split made by the blocks' tasks (which send the driver label counts, not labels)
     gives what collecting gives: integer labels with gaps and nulls, NaN rows named by their
-    position across files, a class too small for the split."""
+    position across files. (A class too small fails in raysl.data.class_allocation, which
+    both paths call.)"""
     from raysl.data import make_split
     from raysl.readers import plan
 
@@ -218,13 +219,6 @@ def test_the_object_store_split_fails_and_maps_labels_as_the_collected_one(
     assert remote.n_classes == mem.n_classes == 3
     for f in ("y_l", "y_val", "y_u", "y_test", "idx_l", "idx_u", "classes"):
         np.testing.assert_array_equal(getattr(remote, f), getattr(mem, f), err_msg=f)
-    errors = []
-    for bad in (DataConfig(dataset=str(d), labels_per_class=30),):
-        for make in (lambda c: p.split(str(d), c), lambda c: make_split(p.read(str(d)), c)):
-            with pytest.raises(DataError) as e:
-                make(bad)
-            errors.append(str(e.value))
-    assert errors[0] == errors[1] and "class 0 has" in errors[0], errors
     x[[44, 46, 100]] = np.nan  # rows 44 and 46: either side of the one-row file
     for k, (a, b) in enumerate([(0, 45), (45, 46), (46, len(y))]):
         pd.DataFrame({"a": x[a:b, 0], "b": x[a:b, 1], "y": y[a:b]}).to_parquet(
