@@ -391,14 +391,18 @@ def _survey(table: pa.Table, check: Callable[[pa.Table], None] | None) -> dict[s
     return out
 
 
-def _value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct values of a label column (k,) and how often each occurs (k,); values
-    that can't be ordered (mixed types) come back as they are, each counted once, for
+def _value_counts(values: np.ndarray, weights: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a label column (k,) and how often each occurs (k,), each
+    value counting ``weights`` times (default once: the blocks' counts, merged); values that
+    can't be ordered (mixed types) come back as they are, for
     :func:`raysl.data.encode_labels` to name."""
+    w = np.ones(len(values), np.int64) if weights is None else np.asarray(weights, np.int64)
     try:
-        return np.unique(values, return_counts=True)
+        uniq, inverse = np.unique(values, return_inverse=True)
     except TypeError:
-        return values, np.ones(len(values), np.int64)
+        return values, w
+    return uniq, np.bincount(inverse.reshape(-1), w, len(uniq)).astype(np.int64)
 
 
 def block_digest(ids: np.ndarray, x: np.ndarray) -> str:
@@ -443,7 +447,7 @@ def label_codes(values: np.ndarray, uniq: np.ndarray, codes: np.ndarray) -> np.n
 def _keys(table: pa.Table, lookup: tuple[np.ndarray, np.ndarray], seed: int
           ) -> dict[str, np.ndarray]:
     """One block's rows' ids, split keys (:func:`raysl.data.split_keys`) and class codes,
-    (n,) each: what the split's planning reads, 20 bytes a row, kept where the block is."""
+    (n,) each: what the split's planning reads, 24 bytes a row, kept where the block is."""
     ids = table.column("id").to_numpy()
     return {"id": ids, "key": split_keys(ids, seed),
             "code": label_codes(label_values(table.column("label")), *lookup)}
@@ -537,11 +541,8 @@ def distribute(ds: ray.data.Dataset, name: str, what: str, cfg: DataConfig, *,
     x_shape = _as_float(np.zeros((0, *row_shape), dtype)).shape[1:]
     _check_rows(name, n, row_shape, dtype)
     # the classes, from the distinct stored labels: each block maps its own rows to codes
-    uniq, counts = _value_counts(np.concatenate([s["values"] for s in surveys]))
-    if len(uniq) < sum(len(s["values"]) for s in surveys):  # counts of one value add up
-        at = np.searchsorted(uniq, np.concatenate([s["values"] for s in surveys]))
-        counts = np.bincount(at, np.concatenate([s["counts"] for s in surveys]),
-                             len(uniq)).astype(np.int64)
+    uniq, counts = _value_counts(np.concatenate([s["values"] for s in surveys]),
+                                 np.concatenate([s["counts"] for s in surveys]))
     codes, classes = encode_labels(normalize_labels(uniq, labels), f"{name}: y")
     if (codes >= 0).sum() == 0:
         raise DataError(f"{name}: y has no labeled rows (all are unlabeled: -1, empty or null)")
